@@ -1,0 +1,87 @@
+"""Per-weight cost of `minor_split` against a bare `torch.linalg.svd` of the same weight, on one device.
+
+    python benchmarks/decompose.py [--device cpu|cuda] [--shapes 1024x1024 2816x1024] [--rank 64] [--repeat 3]
+                                   [--model 1024,2816,8]   # hidden,intermediate,layers of a random Llama to prepare
+
+Prints a markdown table and writes benchmarks/results/decompose-<device>.json. The ratio column is
+minor_split / svd measured in the same run, the number to compare across machines.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import peak_mb, reset_peak, table, write
+from qmilora import minor_split
+
+
+def timed(fn, device, repeat):
+    best, peak = float("inf"), 0.0
+    for _ in range(repeat):
+        reset_peak(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+        peak = max(peak, peak_mb(device))
+    return best, peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", nargs="+", default=["1024x1024", "2816x1024", "2048x2048", "5632x2048"])
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--model", default="1024,2816,8", help="hidden,intermediate,layers of a random Llama ('' to skip)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    rows = []
+    for shape in args.shapes:
+        out, inp = map(int, shape.split("x"))
+        W = torch.randn(out, inp, device=device) / inp**0.5
+        minor_split(W[:64, :64], 8)  # warm up the solver's libraries
+        base_s, base_mb = timed(lambda: torch.linalg.svd(W, full_matrices=False), device, args.repeat)
+        ours_s, ours_mb = timed(lambda: minor_split(W, args.rank), device, args.repeat)
+        rows.append({"shape": shape, "rank": args.rank, "svd_s": base_s, "minor_split_s": ours_s,
+                     "ratio": ours_s / base_s, "svd_peak_mb": base_mb, "minor_split_peak_mb": ours_mb})
+        print(table(rows[-1:], list(rows[-1])), flush=True)
+    print("\n" + table(rows, list(rows[0])))
+    model_rows = [prepare_whole_model(args, device)] if args.model else []
+    if model_rows:
+        print("\n" + table(model_rows, list(model_rows[0])))
+    print("wrote", write(f"decompose-{device.type}", rows, {"device": str(device), "prepare": model_rows}))
+
+
+def prepare_whole_model(args, device) -> dict:
+    """Stream a random-weight Llama of the given shape from sharded safetensors through `prepare_model`."""
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qmilora import prepare_model
+
+    hidden, inter, layers = map(int, args.model.split(","))
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
+                      vocab_size=32000, tie_word_embeddings=False)
+    with tempfile.TemporaryDirectory() as d:
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        fp16_gb = sum(p.numel() for p in model.parameters()) * 2 / 2**30
+        model.save_pretrained(d, max_shard_size="500MB")
+        del model
+        reset_peak(device)
+        t = time.perf_counter()
+        prepared = prepare_model(d, rank=args.rank, device=str(device), use_cache=False)
+        seconds = time.perf_counter() - t
+        stats = prepared.qmilora_stats
+        return {"model": args.model, "rank": args.rank, "bf16_checkpoint_gb": fp16_gb, "seconds": seconds,
+                "svd_seconds": stats.svd_seconds, "peak_mb": peak_mb(device), "layers": stats.layers,
+                "mean_nf4_rel_error": sum(stats.nf4_rel_error) / stats.layers}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Build a trainable QMiLoRA model: stream a full-precision checkpoint into a 4-bit skeleton, one weight at a time.
+
+Per target weight:  safetensors → W (fp32, SVD device) → minor_split → W_res → NF4 → the skeleton's Linear4bit,
+while (A, B) wait on the host for PEFT's LoRA layer. Non-target linear layers are quantized as they are (QLoRA),
+every other tensor is cast to the compute dtype. The full-precision model is never resident.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.lora import LoraLayer
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers.quantizers import AutoHfQuantizer
+
+from . import checkpoint, decompose, quantize
+from .config import QMiLoRAConfig, QMiLoRAError
+
+log = logging.getLogger("qmilora")
+CACHE_FORMAT = 1
+BASE_DIR, ADAPTER_DIR, META_FILE = "base", "initial_adapter", "qmilora.json"
+
+
+@dataclass
+class PrepareStats:
+    layers: int = 0
+    decomposed: int = 0
+    seconds: float = 0.0
+    svd_seconds: float = 0.0
+    nf4_rel_error: list[float] = field(default_factory=list)
+    minor_energy: list[float] = field(default_factory=list)
+    peak_rss_gb: float = 0.0
+    peak_gpu_gb: float = 0.0
+    from_cache: bool = False
+
+    def summary(self) -> str:
+        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+        where = "loaded from cache" if self.from_cache else (
+            f"{self.decomposed} decomposed, {self.layers - self.decomposed} quantized as-is")
+        return (f"qmilora: {self.layers} 4-bit layers ({where}) in {self.seconds:.1f}s (SVD {self.svd_seconds:.1f}s); "
+                f"mean NF4 rel. error {mean(self.nf4_rel_error):.4f}; mean minor energy {mean(self.minor_energy):.2e}; "
+                f"peak RSS {self.peak_rss_gb:.2f} GB" + (f", peak GPU {self.peak_gpu_gb:.2f} GB" if self.peak_gpu_gb else ""))
+
+
+def prepare_model(model: str | os.PathLike | PreTrainedModel, config: QMiLoRAConfig | None = None,
+                  **overrides) -> PeftModel:
+    """A `peft.PeftModel` whose target layers are NF4 `Linear4bit`s holding W − s·B A, wrapped by PEFT's bitsandbytes
+    LoRA layer with A, B set to the minor factors. `model` is a checkpoint directory, a Hub id, or a loaded
+    full-precision transformers model; `overrides` replace fields of `config`."""
+    cfg = QMiLoRAConfig(**{**(config.to_dict() if config else {}), **overrides})
+    t0 = time.perf_counter()
+    if isinstance(model, PreTrainedModel):
+        refuse_quantized_model(model)
+        base, factors, stats = _stream(model.config, model.state_dict().items(), len(model.state_dict()), cfg)
+        peft_model = _wrap(base, cfg, factors=factors)
+    elif isinstance(model, torch.nn.Module):
+        raise QMiLoRAError(f"prepare_model takes a transformers PreTrainedModel or a checkpoint path, got {type(model).__name__}")
+    else:
+        peft_model, stats = _prepare_checkpoint(str(model), cfg)
+    stats.seconds = time.perf_counter() - t0
+    _record_peaks(stats, cfg.resolved_device)
+    peft_model.qmilora_stats = stats
+    log.info(stats.summary())
+    return peft_model
+
+
+def refuse_quantized_model(model: torch.nn.Module) -> None:
+    if getattr(model, "is_quantized", False) or getattr(getattr(model, "config", None), "quantization_config", None):
+        checkpoint.refuse_quantized_config(model.config)
+        raise QMiLoRAError("the model is already quantized: QMiLoRA needs full-precision weights")
+    for name, module in model.named_modules():
+        if quantize.is_quantized_module(module):
+            raise QMiLoRAError(f"layer {name} is already quantized ({type(module).__name__}): QMiLoRA needs full-precision "
+                               "weights, because the minor singular components of a quantized weight are mostly quantization noise")
+
+
+def _prepare_checkpoint(source: str, cfg: QMiLoRAConfig) -> tuple[PeftModel, PrepareStats]:
+    directory = checkpoint.resolve(source)
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise QMiLoRAError(f"{directory} has no config.json: it is not a transformers checkpoint")
+    hf_config = AutoConfig.from_pretrained(directory)
+    checkpoint.refuse_quantized_config(hf_config)
+    files = checkpoint.shard_files(directory)
+    names = checkpoint.tensor_names(files)
+    checkpoint.refuse_quantized_tensors(names)
+
+    identity = checkpoint.fingerprint(directory, files)
+    key = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "source": identity, "config": cfg.result_fields()},
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    cached = os.path.join(cfg.resolved_cache_dir, key)
+    if cfg.use_cache and os.path.isfile(os.path.join(cached, META_FILE)):
+        log.info("qmilora: loading the prepared model from %s", cached)
+        return load_prepared(cached, cfg), PrepareStats(from_cache=True)
+
+    base, factors, stats = _stream(hf_config, checkpoint.iter_tensors(files), len(names), cfg)
+    if not cfg.use_cache:
+        return _wrap(base, cfg, factors=factors), stats
+    meta = {"format": CACHE_FORMAT, "source": os.path.abspath(directory), "source_fingerprint": identity,
+            "config": cfg.to_dict()}
+    with checkpoint.atomic_dir(cached, overwrite=True) as tmp:
+        base.save_pretrained(os.path.join(tmp, BASE_DIR))
+        model = _wrap(base, cfg, factors=factors)
+        model.save_pretrained(os.path.join(tmp, ADAPTER_DIR))
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+    return model, stats
+
+
+def load_prepared(directory: str, cfg: QMiLoRAConfig) -> PeftModel:
+    """Reload a cached prepared model (transformers' 4-bit format + PEFT adapter): no SVD, no quantization."""
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(directory, BASE_DIR), device_map={"": cfg.resolved_device},
+                                                dtype=cfg.torch_compute_dtype)
+    return _wrap(base, cfg, adapter_dir=os.path.join(directory, ADAPTER_DIR))
+
+
+def _stream(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], total: int, cfg: QMiLoRAConfig):
+    """Fill a 4-bit skeleton from (name, tensor) pairs. Returns (base model, {layer: (A, B)} on the host, stats)."""
+    device, svd_device, dtype = cfg.resolved_device, cfg.resolved_svd_device, cfg.torch_compute_dtype
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    quantizer = None
+    if cfg.quantize:
+        bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+                                        bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype)
+        # transformers' own module replacement, so a reload from its 4-bit save format rebuilds the same layers.
+        quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=True)
+        quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": device})
+        candidates = {n for n, m in model.named_modules() if quantize.is_4bit_linear(m)}
+    else:
+        head = model.get_output_embeddings()
+        candidates = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    targets = select_targets(model, cfg.target_modules, candidates)
+    expected = set(model.state_dict())
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    stats, unexpected = PrepareStats(), []
+    for name, tensor in tqdm(tensors, total=total, desc="qmilora: decompose + quantize", unit="tensor"):
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        module_name, _, param_name = name.rpartition(".")
+        is_weight = param_name == "weight"
+        if not (is_weight and (module_name in targets or quantize.is_4bit_linear(model.get_submodule(module_name)))):
+            value_dtype = dtype if tensor.is_floating_point() else None
+            set_module_tensor_to_device(model, name, device, value=tensor, dtype=value_dtype)
+            continue
+        weight = _check_float(name, tensor).to(svd_device, torch.float32)
+        if module_name in targets:
+            t = time.perf_counter()
+            split = decompose.minor_split(weight, cfg.rank, cfg.scaling)
+            stats.svd_seconds += time.perf_counter() - t
+            stats.minor_energy.append(decompose.minor_energy(split, cfg.scaling, weight.square().sum().item()))
+            factors[module_name] = (split.lora_A.cpu(), split.lora_B.cpu())
+            weight = split.residual
+            stats.decomposed += 1
+        weight = weight.to(device)
+        if cfg.quantize:
+            param = quantize.quantize(weight, quant_type=cfg.quant_type, blocksize=cfg.blocksize,
+                                      double_quant=cfg.double_quant, out_dtype=dtype)
+            err = (quantize.dequantize(param).float() - weight).norm() / weight.norm().clamp_min(1e-30)
+            stats.nf4_rel_error.append(err.item())
+            quantize.set_weight(model.get_submodule(module_name), param)
+            stats.layers += 1
+        else:
+            set_module_tensor_to_device(model, name, device, value=weight, dtype=dtype)
+        del weight
+        checkpoint.release_host_memory()
+    if unexpected:
+        log.warning("qmilora: ignored %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[0])
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise QMiLoRAError(f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+    for name, buf in list(model.named_buffers()):
+        if buf.device != device:
+            set_module_tensor_to_device(model, name, device, value=buf)
+    if quantizer is not None:
+        model.hf_quantizer = quantizer
+        quantizer.postprocess_model(model)  # marks the model 4-bit (config.quantization_config, is_loaded_in_4bit)
+    model.eval()
+    return model, factors, stats
+
+
+def select_targets(model: torch.nn.Module, target_modules: str | list[str], linear: set[str]) -> set[str]:
+    """Names of the `linear` layers that get a minor adapter, with PEFT's matching rule (name or suffix)."""
+    if target_modules == "all-linear":
+        return linear
+    chosen = set()
+    for target in target_modules:
+        hits = {n for n, _ in model.named_modules() if n == target or n.endswith("." + target)}
+        if not hits:
+            kinds = sorted({n.rpartition(".")[2] for n in linear})
+            raise QMiLoRAError(f"target module {target!r} matches no layer; linear layers are named {', '.join(kinds)}")
+        if not hits <= linear:
+            raise QMiLoRAError(f"target module {target!r} matches {sorted(hits - linear)[0]}, which is not a linear layer QMiLoRA can decompose")
+        chosen |= hits
+    return chosen
+
+
+def _check_float(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        raise QMiLoRAError(f"tensor {name} is {tensor.dtype}, not floating point: the checkpoint looks quantized, and "
+                           "QMiLoRA needs full-precision weights")
+    return tensor
+
+
+def _wrap(base: PreTrainedModel, cfg: QMiLoRAConfig, *, factors=None, adapter_dir: str | None = None) -> PeftModel:
+    """PEFT's bitsandbytes LoRA layers on the 4-bit base: fresh with the minor factors, or loaded from `adapter_dir`."""
+    quantize.keep_training_layout(base)
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter_dir is None:
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                          target_modules=cfg.target_modules, task_type="CAUSAL_LM", init_lora_weights=False)
+        model = get_peft_model(base, lora)
+    else:
+        lora = LoraConfig.from_pretrained(adapter_dir)
+        lora.lora_dropout = cfg.lora_dropout
+        model = PeftModel.from_pretrained(base, adapter_dir, config=lora, is_trainable=True)
+    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    expected = set(factors) if factors is not None else set(layers)
+    not_4bit = [n for n, m in layers.items() if cfg.quantize and (
+        not quantize.is_4bit_linear(m.get_base_layer()) or type(m).__module__ != "peft.tuners.lora.bnb")]
+    if set(layers) != expected or not_4bit:
+        raise RuntimeError(f"PEFT wrapped {sorted(set(layers) ^ expected) or not_4bit} "
+                           "unlike the decomposition; this is a bug in qmilora")
+    if factors is not None:
+        with torch.no_grad():
+            for name, (A, B) in factors.items():
+                layer = layers[name]
+                layer.lora_A["default"].weight.copy_(A)
+                layer.lora_B["default"].weight.copy_(B)
+    model.eval()
+    return model
+
+
+def _record_peaks(stats: PrepareStats, device: torch.device) -> None:
+    stats.peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if device.type == "cuda":
+        stats.peak_gpu_gb = torch.cuda.max_memory_allocated(device) / 2**30

@@ -1,0 +1,84 @@
+"""4-bit quantization of the frozen residual: the only module that imports bitsandbytes.
+
+Every quantization is an explicit call to `bitsandbytes.functional.quantize_4bit`; nothing here
+relies on bitsandbytes' quantize-on-`.to()` side effect.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import bitsandbytes as bnb
+from bitsandbytes.functional import QuantState, dequantize_4bit, quantize_4bit
+
+
+def quantize(weight: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool,
+             out_dtype: torch.dtype) -> bnb.nn.Params4bit:
+    """Quantize a float weight (out, in) to a frozen `Params4bit`, on the weight's device.
+
+    The codes are computed from the full-precision input (float32 here), then `out_dtype` is recorded
+    as the dtype dequantization returns, so the layer computes in `out_dtype` without a second rounding
+    of the weight to that dtype before quantization.
+    """
+    data, state = quantize_4bit(weight.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
+                                quant_type=quant_type, quant_storage=torch.uint8)
+    state.dtype = out_dtype
+    return bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=blocksize,
+                             compress_statistics=double_quant, quant_type=quant_type,
+                             quant_storage=torch.uint8, bnb_quantized=True)
+
+
+def dequantize(param: bnb.nn.Params4bit) -> torch.Tensor:
+    """The weight a 4-bit layer actually multiplies with (out, in), in its quant state's dtype."""
+    return dequantize_4bit(param.data, param.quant_state)
+
+
+def round_trip(weight: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool) -> torch.Tensor:
+    """bitsandbytes' own quantize → dequantize of `weight`, in its dtype (the reference for tests and stats)."""
+    data, state = quantize_4bit(weight.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
+                                quant_type=quant_type)
+    return dequantize_4bit(data, state)
+
+
+def set_weight(module: nn.Module, param: bnb.nn.Params4bit) -> None:
+    """Install a quantized weight in a `bnb.nn.Linear4bit` (which also keeps a copy of the quant state)."""
+    param.module = module
+    module.weight = param
+    module.quant_state = param.quant_state
+
+
+def is_4bit_linear(module: nn.Module) -> bool:
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    """A layer that already holds quantized weights (bitsandbytes 4/8-bit)."""
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) or isinstance(
+        getattr(module, "weight", None), (bnb.nn.Params4bit, bnb.nn.Int8Params))
+
+
+def keep_training_layout(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout; returns layers changed.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` repacks its weight the first time it runs in eval mode
+    without grad (bitsandbytes 0.50). Nothing unpacks it when training resumes: the packed path runs
+    `gemv_4bit`, which has no autograd kernel, so no gradient reaches earlier layers; its inverse also
+    re-quantizes the absmax, so the weights would not come back bit-exact either. A model that may train
+    again must never enter that layout, so switch the repacking off at its source, layer by layer. The
+    switch is found by capability (the attribute bitsandbytes reads), not by version. Inference-only
+    models may leave it on: the packed layout is faster there.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def is_cpu_packed(param: torch.Tensor) -> bool:
+    return bool(getattr(getattr(param, "quant_state", None), "packing_format_for_cpu", False))
+
+
+__all__ = ["QuantState", "quantize", "dequantize", "round_trip", "set_weight", "is_4bit_linear",
+           "is_quantized_module", "keep_training_layout", "is_cpu_packed"]
