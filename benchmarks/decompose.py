@@ -75,7 +75,7 @@ def prepare_whole_model(args, device) -> dict:
         del model
         reset_peak(device)
         t = time.perf_counter()
-        prepared = prepare_model(d, rank=args.rank, device=str(device), use_cache=False)
+        prepared = prepare_model(d, rank=args.rank, device=str(device), prepared_cache=False)
         seconds = time.perf_counter() - t
         stats = prepared.qmilora_stats
         return {"model": args.model, "rank": args.rank, "bf16_checkpoint_gb": fp16_gb, "seconds": seconds,

@@ -1,12 +1,12 @@
 """`QMiLoRAConfig`: the one source of truth for how a model is decomposed and quantized.
 
-Every field has a docstring (the comment under it); the CLI builds its flags from these
-fields, so the Python API and the command line cannot drift apart.
+Every field carries its help text; the CLI builds its flags from these fields (with
+transformers' HfArgumentParser), so the Python API and the command line cannot drift apart.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -29,32 +29,20 @@ def _cuda() -> bool:
 
 @dataclass
 class QMiLoRAConfig:
-    rank: int = 64
-    """LoRA rank r: the number of smallest singular triplets that become the adapter."""
-    lora_alpha: float | None = None
-    """LoRA alpha; the scaling is s = lora_alpha / rank. Default: rank (s = 1), as in the MiLoRA code."""
-    lora_dropout: float = 0.05
-    """Dropout on the adapter's input (MiLoRA's scripts use 0.05)."""
-    target_modules: list[str] | str = "all-linear"
-    """"all-linear" (every linear layer but the output head) or a list of module names, e.g. q_proj v_proj."""
-    quantize: bool = True
-    """Quantize the frozen residual to 4 bits. False keeps it in compute_dtype: full-precision MiLoRA, the reference."""
-    quant_type: str = "nf4"
-    """bitsandbytes 4-bit data type of the frozen residual: nf4 or fp4."""
-    double_quant: bool = True
-    """Quantize the per-block absmax constants too (QLoRA's double quantization)."""
-    blocksize: int = 64
-    """Quantization block size (weights per absmax constant)."""
-    compute_dtype: str | None = None
-    """Dtype of the 4-bit matmuls and of the unquantized weights: float32, bfloat16 or float16. Default: bfloat16 on a GPU that supports it, else float32."""
-    device: str = "auto"
-    """Where the prepared model lives: auto (cuda:0 when there is a GPU, else cpu), cpu, cuda, cuda:1, ..."""
-    svd_device: str = "auto"
-    """Where each weight's SVD runs: auto (same as device), cpu, cuda, ..."""
-    cache_dir: str | None = None
-    """Where prepared models are cached. Default: $QMILORA_CACHE or ~/.cache/qmilora."""
-    use_cache: bool = True
-    """Reuse (and write) a cached prepared model keyed by the source checkpoint and every field that changes it."""
+    _argument_group_name = "QMiLoRA decomposition and quantization"
+    rank: int = field(default=64, metadata={"help": "LoRA rank r: the number of smallest singular triplets that become the adapter.", "aliases": ["--lora_r"]})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; the scaling is s = lora_alpha / rank. Default: rank (s = 1), as in the MiLoRA code."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter's input (MiLoRA's scripts use 0.05)."})
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "\"all-linear\" (every linear layer but the output head) or a list of module names, e.g. q_proj v_proj."})
+    quantize: bool = field(default=True, metadata={"help": "Quantize the frozen residual to 4 bits. False keeps it in compute_dtype: full-precision MiLoRA, the reference."})
+    quant_type: str = field(default="nf4", metadata={"help": "bitsandbytes 4-bit data type of the frozen residual: nf4 or fp4."})
+    double_quant: bool = field(default=True, metadata={"help": "Quantize the per-block absmax constants too (QLoRA's double quantization)."})
+    blocksize: int = field(default=64, metadata={"help": "Quantization block size (weights per absmax constant)."})
+    compute_dtype: str | None = field(default=None, metadata={"help": "Dtype of the 4-bit matmuls and of the unquantized weights: float32, bfloat16 or float16. Default: bfloat16 on a GPU that supports it, else float32."})
+    device: str = field(default="auto", metadata={"help": "Where the prepared model lives: auto (cuda:0 when there is a GPU, else cpu), cpu, cuda, cuda:1, ..."})
+    svd_device: str = field(default="auto", metadata={"help": "Where each weight's SVD runs: auto (same as device), cpu, cuda, ..."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where prepared models are cached. Default: $QMILORA_CACHE or ~/.cache/qmilora."})
+    prepared_cache: bool = field(default=True, metadata={"help": "Reuse (and write) a cached prepared model keyed by the source checkpoint and every field that changes it."})
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -66,13 +54,10 @@ class QMiLoRAConfig:
         self.lora_alpha = float(self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if isinstance(self.target_modules, str):
-            if self.target_modules != "all-linear":
-                self.target_modules = [self.target_modules]
-        else:
-            self.target_modules = list(self.target_modules)
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ValueError(f"target_modules must be 'all-linear' or a non-empty list of names, got {self.target_modules!r}")
+        targets = [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)
+        if not targets or not all(isinstance(t, str) and t for t in targets) or ("all-linear" in targets and len(targets) > 1):
+            raise ValueError(f"target_modules must be 'all-linear' or a non-empty list of names, got {self.target_modules!r}")
+        self.target_modules = targets
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
         if self.blocksize not in _BLOCKSIZES:
@@ -90,6 +75,11 @@ class QMiLoRAConfig:
                     raise ValueError(f"{name} must be 'auto' or a torch device such as cpu or cuda:0, got {value!r}") from None
 
     @property
+    def peft_target_modules(self) -> str | list[str]:
+        """What PEFT's LoraConfig takes: the string "all-linear" or a list of names."""
+        return "all-linear" if self.target_modules == ["all-linear"] else self.target_modules
+
+    @property
     def scaling(self) -> float:
         """s = lora_alpha / rank, the factor PEFT applies to B @ A."""
         return self.lora_alpha / self.rank
@@ -101,7 +91,9 @@ class QMiLoRAConfig:
     @property
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
-            return torch.device("cuda", torch.cuda.current_device()) if _cuda() else torch.device("cpu")
+            # under `accelerate launch` / torchrun each process owns the GPU of its LOCAL_RANK
+            rank = int(os.environ.get("LOCAL_RANK", -1))
+            return torch.device("cuda", rank if rank >= 0 else torch.cuda.current_device()) if _cuda() else torch.device("cpu")
         return torch.device(self.device)
 
     @property
@@ -114,26 +106,11 @@ class QMiLoRAConfig:
 
     def result_fields(self) -> dict:
         """The fields that change the prepared model's tensors (the cache key); dropout and placement do not."""
-        skip = {"lora_dropout", "device", "svd_device", "cache_dir", "use_cache"}
+        skip = {"lora_dropout", "device", "svd_device", "cache_dir", "prepared_cache"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def field_docs(cls) -> dict[str, str]:
-    """Field name -> its docstring, read from the class source (used for CLI help)."""
-    import ast
-    import inspect
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)
-    return docs
-
-
-__all__ = ["QMiLoRAConfig", "QMiLoRAError", "default_cache_dir", "field_docs", "fields"]
+__all__ = ["QMiLoRAConfig", "QMiLoRAError", "default_cache_dir"]

@@ -99,12 +99,12 @@ def _prepare_checkpoint(source: str, cfg: QMiLoRAConfig) -> tuple[PeftModel, Pre
     key = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "source": identity, "config": cfg.result_fields()},
                                     sort_keys=True).encode()).hexdigest()[:24]
     cached = os.path.join(cfg.resolved_cache_dir, key)
-    if cfg.use_cache and os.path.isfile(os.path.join(cached, META_FILE)):
+    if cfg.prepared_cache and os.path.isfile(os.path.join(cached, META_FILE)):
         log.info("qmilora: loading the prepared model from %s", cached)
         return load_prepared(cached, cfg), PrepareStats(from_cache=True)
 
     base, factors, stats = _stream(hf_config, checkpoint.iter_tensors(files), len(names), cfg)
-    if not cfg.use_cache:
+    if not cfg.prepared_cache:
         return _wrap(base, cfg, factors=factors), stats
     meta = {"format": CACHE_FORMAT, "source": os.path.abspath(directory), "source_fingerprint": identity,
             "config": cfg.to_dict()}
@@ -192,9 +192,9 @@ def _stream(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], total: int, 
     return model, factors, stats
 
 
-def select_targets(model: torch.nn.Module, target_modules: str | list[str], linear: set[str]) -> set[str]:
+def select_targets(model: torch.nn.Module, target_modules: list[str], linear: set[str]) -> set[str]:
     """Names of the `linear` layers that get a minor adapter, with PEFT's matching rule (name or suffix)."""
-    if target_modules == "all-linear":
+    if target_modules == ["all-linear"]:
         return linear
     chosen = set()
     for target in target_modules:
@@ -222,7 +222,7 @@ def _wrap(base: PreTrainedModel, cfg: QMiLoRAConfig, *, factors=None, adapter_di
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter_dir is None:
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                          target_modules=cfg.target_modules, task_type="CAUSAL_LM", init_lora_weights=False)
+                          target_modules=cfg.peft_target_modules, task_type="CAUSAL_LM", init_lora_weights=False)
         model = get_peft_model(base, lora)
     else:
         lora = LoraConfig.from_pretrained(adapter_dir)

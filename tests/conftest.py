@@ -32,3 +32,39 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.fixture()
 def cache(tmp_path):
     return str(tmp_path / "cache")
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer trained on the bundled data (no hub), with a chat template."""
+    import json as _json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from qmilora.data import BUNDLED
+
+    rows = [_json.loads(line) for line in open(BUNDLED)]
+    text = [" ".join(r.values()) for r in rows] + ["Below is an instruction that describes a task . Write a response "
+                                                  "that appropriately completes the request ### Instruction Input Response"]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = ["<unk>", "<pad>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok.train_from_iterator(text, trainers.WordLevelTrainer(special_tokens=special))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory):
+    """A tiny Llama checkpoint with a tokenizer and chat template: what qmilora-train needs, without the hub."""
+    d = tmp_path_factory.mktemp("tiny_llm")
+    tok = tiny_tokenizer()
+    save_tiny(d, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=2,
+              num_key_value_heads=1, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    tok.save_pretrained(d)
+    return str(d)

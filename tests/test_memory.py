@@ -20,10 +20,10 @@ WRITE = textwrap.dedent("""
 PROBE = textwrap.dedent("""
     import json, resource, sys, torch
     from qmilora import prepare_model
-    prepare_model(sys.argv[2], rank=2, use_cache=False)  # warm-up: import and initialise every library once
+    prepare_model(sys.argv[2], rank=2, prepared_cache=False)  # warm-up: import and initialise every library once
     rss = lambda: int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
     base = rss()
-    prepare_model(sys.argv[1], rank=8, use_cache=False)
+    prepare_model(sys.argv[1], rank=8, prepared_cache=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"base_mb": base, "peak_mb": peak}))
 """)

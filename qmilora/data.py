@@ -1,0 +1,206 @@
+"""Training data: files or hub datasets (via `datasets`) → tokenized examples with response-only labels.
+
+Formats, detected from the columns (or forced with `data_format`):
+    alpaca             instruction, input (optional), output
+    chat               messages: [{role, content}, ...]   (rendered with the tokenizer's chat template)
+    prompt_completion  prompt, completion
+    text               text                              (every token is trained on)
+Every problem is a `QMiLoRAError` naming the file, found before any model is loaded.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from .config import QMiLoRAError
+
+log = logging.getLogger("qmilora")
+FORMATS = ("alpaca", "chat", "prompt_completion", "text")
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo_alpaca.jsonl")
+IGNORE = -100
+_ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
+                  "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
+
+
+@dataclass
+class DataConfig:
+    _argument_group_name = "data"
+    data: str | None = field(default=None, metadata={"help": "Training data: a .json/.jsonl/.csv/.parquet/.txt file or a datasets hub name. Default: the small instruction set bundled with qmilora."})
+    data_format: str = field(default="auto", metadata={"help": "auto, alpaca, chat, prompt_completion or text.", "choices": ("auto",) + FORMATS})
+    data_split: str = field(default="train", metadata={"help": "Split to read from a hub dataset."})
+    max_seq_length: int = field(default=512, metadata={"help": "Truncate examples to this many tokens.", "aliases": ["--max_length"]})
+    train_on_prompt: bool = field(default=False, metadata={"help": "Also compute the loss on prompt tokens (default: response tokens only)."})
+    packing: bool = field(default=False, metadata={"help": "Concatenate examples into full max_seq_length blocks."})
+    val_size: float = field(default=0.0, metadata={"help": "Held-out share (0-1) or row count (>=1) for evaluation loss."})
+
+    def __post_init__(self) -> None:
+        if self.data_format != "auto" and self.data_format not in FORMATS:
+            raise ValueError(f"data_format must be auto or one of {', '.join(FORMATS)}, got {self.data_format!r}")
+        if self.max_seq_length < 2:
+            raise ValueError(f"max_seq_length must be at least 2, got {self.max_seq_length}")
+        if self.val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+
+
+def load_rows(cfg: DataConfig):
+    """The raw `datasets.Dataset` for `cfg.data` (the bundled set when None)."""
+    import datasets
+
+    source = cfg.data or BUNDLED
+    ext = os.path.splitext(source)[1].lower()
+    if os.path.exists(source) or ext in _BUILDERS:
+        if not os.path.isfile(source):
+            raise QMiLoRAError(f"data file {source} does not exist")
+        if ext not in _BUILDERS:
+            raise QMiLoRAError(f"data file {source}: unsupported extension {ext or '(none)'}; use one of {', '.join(_BUILDERS)}")
+        if os.path.getsize(source) == 0:
+            raise QMiLoRAError(f"data file {source} is empty")
+        try:
+            rows = datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train")
+        except Exception as err:
+            raise QMiLoRAError(f"data file {source} could not be read as {ext[1:]}: {_first_line(err)}") from None
+    else:
+        try:
+            rows = datasets.load_dataset(source, split=cfg.data_split)
+        except Exception as err:
+            raise QMiLoRAError(f"data {source!r} is neither a file nor a loadable dataset: {_first_line(err)}") from None
+    if len(rows) == 0:
+        raise QMiLoRAError(f"data {source} has no rows")
+    return rows
+
+
+def detect_format(columns: list[str], source: str) -> str:
+    cols = set(columns)
+    for fmt, needed in (("chat", {"messages"}), ("alpaca", {"instruction", "output"}),
+                        ("prompt_completion", {"prompt", "completion"}), ("text", {"text"})):
+        if needed <= cols:
+            return fmt
+    raise QMiLoRAError(f"data {source}: unknown fields {sorted(cols)}; expected messages, instruction+output, "
+                       "prompt+completion or text")
+
+
+def build_dataset(cfg: DataConfig, tokenizer):
+    """Tokenized {input_ids, attention_mask, labels} rows, plus an eval split when `val_size` > 0."""
+    source = cfg.data or BUNDLED
+    rows = load_rows(cfg)
+    fmt = detect_format(rows.column_names, source) if cfg.data_format == "auto" else cfg.data_format
+    needed = {"chat": ["messages"], "alpaca": ["instruction", "output"], "prompt_completion": ["prompt", "completion"],
+              "text": ["text"]}[fmt]
+    missing = [c for c in needed if c not in rows.column_names]
+    if missing:
+        raise QMiLoRAError(f"data {source}: format {fmt} needs field(s) {', '.join(missing)}, found {rows.column_names}")
+    if fmt == "chat" and not tokenizer.chat_template:
+        raise QMiLoRAError(f"data {source} is in chat format but the tokenizer has no chat template")
+    examples = []
+    for i, row in enumerate(rows):
+        try:
+            examples.append(encode(row, fmt, tokenizer, cfg))
+        except ValueError as err:
+            raise QMiLoRAError(f"data {source}, row {i + 1}: {err}") from None
+    kept = [e for e in examples if any(label != IGNORE for label in e["labels"])]
+    if not kept:
+        raise QMiLoRAError(f"data {source}: every example lost its response to truncation at max_seq_length="
+                           f"{cfg.max_seq_length}; raise --max_seq_length")
+    if len(kept) < len(examples):
+        log.warning("qmilora: dropped %d of %d examples whose response was truncated away", len(examples) - len(kept), len(examples))
+    if cfg.packing:
+        kept = pack(kept, cfg.max_seq_length)
+    import datasets
+
+    data = datasets.Dataset.from_list(kept)
+    if not cfg.val_size:
+        return data, None, fmt
+    n_val = int(cfg.val_size) if cfg.val_size >= 1 else max(1, round(cfg.val_size * len(data)))
+    if n_val >= len(data):
+        raise QMiLoRAError(f"data {source}: val_size {cfg.val_size} leaves no training rows out of {len(data)}")
+    split = data.train_test_split(test_size=n_val, seed=0, shuffle=True)
+    return split["train"], split["test"], fmt
+
+
+def encode(row: dict, fmt: str, tokenizer, cfg: DataConfig) -> dict:
+    """One row → token ids with labels (IGNORE on prompt tokens unless train_on_prompt), truncated."""
+    if fmt == "text":
+        text = row["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("empty text")
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"] + _eos(tokenizer)
+        return _finish(ids, list(ids), cfg)
+    if fmt == "chat":
+        return _encode_chat(row["messages"], tokenizer, cfg)
+    if fmt == "alpaca":
+        prompt_user, response = _join(row.get("instruction"), row.get("input")), row.get("output")
+    else:
+        prompt_user, response = row.get("prompt"), row.get("completion")
+    if not isinstance(response, str) or not response.strip():
+        raise ValueError("no response (empty output/completion)")
+    if not isinstance(prompt_user, str) or not prompt_user.strip():
+        raise ValueError("empty instruction/prompt")
+    if tokenizer.chat_template:
+        return _encode_chat([{"role": "user", "content": prompt_user}, {"role": "assistant", "content": response}],
+                            tokenizer, cfg)
+    if fmt == "alpaca":
+        ctx = ", paired with an input that provides further context" if row.get("input") else ""
+        inp = f"### Input:\n{row['input']}\n\n" if row.get("input") else ""
+        prompt = _ALPACA_PROMPT.format(ctx=ctx, instruction=row["instruction"], input=inp)
+    else:
+        prompt = prompt_user
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + _eos(tokenizer)
+    labels = (list(p) if cfg.train_on_prompt else [IGNORE] * len(p)) + r
+    return _finish(p + r, labels, cfg)
+
+
+def _encode_chat(messages, tokenizer, cfg: DataConfig) -> dict:
+    """Render with the chat template; label the assistant turns' tokens (located by prefix renders)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    if not any(m.get("role") == "assistant" and str(m.get("content") or "").strip() for m in messages):
+        raise ValueError("no response (no non-empty assistant message)")
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    full = render(messages, False)
+    spans = []
+    for k, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        start, end = len(render(messages[:k], True)), len(render(messages[: k + 1], False))
+        if not full.startswith(render(messages[: k + 1], False)):
+            raise ValueError("the chat template renders earlier turns differently in longer conversations")
+        spans.append((start, end))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    in_response = [any(s <= a < e for s, e in spans) for a, _ in offsets]
+    labels = [t if (cfg.train_on_prompt or r) else IGNORE for t, r in zip(ids, in_response)]
+    return _finish(ids, labels, cfg)
+
+
+def _finish(ids: list[int], labels: list[int], cfg: DataConfig) -> dict:
+    ids, labels = ids[: cfg.max_seq_length], labels[: cfg.max_seq_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def pack(examples: list[dict], length: int) -> list[dict]:
+    """Concatenate examples (labels kept) and cut into blocks of `length`; the last partial block is kept."""
+    flat = {k: [v for e in examples for v in e[k]] for k in ("input_ids", "labels")}
+    blocks = []
+    for i in range(0, len(flat["input_ids"]), length):
+        ids, labels = flat["input_ids"][i : i + length], flat["labels"][i : i + length]
+        if any(label != IGNORE for label in labels):
+            blocks.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return blocks
+
+
+def _join(instruction, extra) -> str | None:
+    if not isinstance(instruction, str):
+        return None
+    return f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
+
+
+def _eos(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
