@@ -1,13 +1,12 @@
 """qmilora-train: MiLoRA finetuning on a 4-bit residual. Flags come from the config dataclasses."""
 from __future__ import annotations
 
-import logging
 import sys
 
-import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from . import run as run_cli
 from ..config import QMiLoRAConfig, QMiLoRAError
 from ..data import DataConfig
 from ..train import RunConfig, train, training_defaults
@@ -48,20 +47,12 @@ def parse(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        run, qcfg, dcfg, args = parse(argv)
+    def body():
+        run, qcfg, dcfg, args = parse(sys.argv[1:] if argv is None else argv)
         _, summary = train(run, qcfg, dcfg, args)
-    except (QMiLoRAError, ValueError) as err:
-        print(f"qmilora-train: error: {err}", file=sys.stderr)
-        return 1
-    except torch.OutOfMemoryError:
-        print("qmilora-train: error: out of memory; lower --per_device_train_batch_size or --max_seq_length, "
-              "or raise --gradient_accumulation_steps", file=sys.stderr)
-        return 1
-    print("qmilora-train: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
-    return 0
+        print("qmilora-train: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+
+    return run_cli("qmilora-train", body)
 
 
 if __name__ == "__main__":
