@@ -108,6 +108,18 @@ def release_host_memory() -> None:
         libc.malloc_trim(0)
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory. VmHWM where Linux has it: ru_maxrss also counts the memory of the
+    parent at fork time (it survives exec), which would charge a small child with a large parent's footprint."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmHWM:")[1].split()[0]) / 2**20
+    except (OSError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def fingerprint(directory: str, files: list[str], sample_bytes: int = 1 << 20) -> str:
     """Identity of a checkpoint: sha256 over config.json and, per shard, its name, header (tensor names, dtypes,
     shapes, offsets) and the first `sample_bytes` of tensor data.

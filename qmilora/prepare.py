@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -246,6 +245,6 @@ def _wrap(base: PreTrainedModel, cfg: QMiLoRAConfig, *, factors=None, adapter_di
 
 
 def _record_peaks(stats: PrepareStats, device: torch.device) -> None:
-    stats.peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    stats.peak_rss_gb = checkpoint.peak_rss_gb()
     if device.type == "cuda":
         stats.peak_gpu_gb = torch.cuda.max_memory_allocated(device) / 2**30

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -192,7 +191,7 @@ def _plot_loss(history: list[dict], path: str) -> None:
 def _peak_gb(args: TrainingArguments) -> float:
     if torch.cuda.is_available() and not args.use_cpu:
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return checkpoint.peak_rss_gb()
 
 
 def _versions() -> dict:
