@@ -34,6 +34,7 @@ class QMiLoRAConfig:
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; the scaling is s = lora_alpha / rank. Default: rank (s = 1), as in the MiLoRA code."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter's input (MiLoRA's scripts use 0.05)."})
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "\"all-linear\" (every linear layer but the output head) or a list of module names, e.g. q_proj v_proj."})
+    svd_solver: str = field(default="auto", metadata={"help": "How the r smallest singular triplets are found: auto (float64 Gram eigendecomposition, SVD fallback when ill-conditioned), gram, or svd (full torch.linalg.svd, the reference).", "choices": ("auto", "gram", "svd")})
     quantize: bool = field(default=True, metadata={"help": "Quantize the frozen residual to 4 bits. False keeps it in compute_dtype: full-precision MiLoRA, the reference."})
     quant_type: str = field(default="nf4", metadata={"help": "bitsandbytes 4-bit data type of the frozen residual: nf4 or fp4."})
     double_quant: bool = field(default=True, metadata={"help": "Quantize the per-block absmax constants too (QLoRA's double quantization)."})
@@ -58,6 +59,8 @@ class QMiLoRAConfig:
         if not targets or not all(isinstance(t, str) and t for t in targets) or ("all-linear" in targets and len(targets) > 1):
             raise ValueError(f"target_modules must be 'all-linear' or a non-empty list of names, got {self.target_modules!r}")
         self.target_modules = targets
+        if self.svd_solver not in ("auto", "gram", "svd"):
+            raise ValueError(f"svd_solver must be auto, gram or svd, got {self.svd_solver!r}")
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
         if self.blocksize not in _BLOCKSIZES:

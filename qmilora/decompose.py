@@ -16,6 +16,14 @@ orthogonal to the principal subspace: U_pᵀ B = 0 and A V_p = 0.
 
 W_res is computed as W − s·B A, not rebuilt from U_p S_p V_pᵀ: that keeps W_res + s·B A = W to
 rounding of the subtraction, whatever the SVD's own error.
+
+Solvers. Only the r smallest triplets are needed, and randomized SVD finds only the largest, so:
+- "gram": with k = min(m, n), eigendecompose the k×k Gram matrix G = WᵀW (or W Wᵀ) in float64; its r smallest
+  eigenpairs give S_m = √λ and one singular factor, the other is W V_m / S_m. On CPU, LAPACK's MRRR driver
+  (scipy `eigh(driver="evr", subset_by_index=...)`) computes only those r eigenvectors. Squaring the condition
+  number is harmless in float64 while σ_min/σ_max ≳ 1e-4 (LLM weights: ~1e-1..1e-2); below that it falls back.
+- "svd": `torch.linalg.svd` of the whole matrix (float32 for float32 input, float64 for float64), the reference.
+- "auto": "gram", with a float64 SVD where the Gram matrix is too ill-conditioned.
 """
 from __future__ import annotations
 
@@ -39,12 +47,16 @@ def check_rank(rank, shape: tuple[int, ...]) -> None:
         raise ValueError(f"rank must be in [1, {limit - 1}] for a weight of shape {tuple(shape)}, got {rank}")
 
 
-def minor_split(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, svd_dtype: torch.dtype | None = None) -> MinorSplit:
+SOLVERS = ("auto", "gram", "svd")
+# Gram eigenvalues below this share of ‖G‖_F carry less than ~7 correct digits in float64: use the SVD.
+_GRAM_MIN_RATIO = 1e-9
+
+
+def minor_split(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, solver: str = "auto") -> MinorSplit:
     """Split `weight` (out, in) into its principal residual and a rank-`rank` LoRA pair on the minor subspace.
 
-    The SVD runs in `svd_dtype` (default: float32, or float64 when the input is float64); the
-    results come back in the input's dtype when it is float32/float64, else in float32 (a bf16
-    residual would lose the identity W = W_res + s·B A). Cast at the caller's boundary.
+    Results come back in the input's dtype when it is float32/float64, else in float32 (a bf16 residual would
+    lose the identity W = W_res + s·B A). Cast at the caller's boundary.
     """
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
@@ -53,17 +65,50 @@ def minor_split(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, svd_dt
     check_rank(rank, tuple(weight.shape))
     if not scaling > 0:
         raise ValueError(f"scaling must be positive, got {scaling}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     out_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    svd_dtype = svd_dtype or (torch.float64 if weight.dtype == torch.float64 else torch.float32)
-
-    w = weight.to(svd_dtype)
-    # gesvd/gesvdj on CUDA and gesdd on CPU; full_matrices=False keeps U (out, k), Vh (k, in).
-    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-    root = (S[-rank:] / scaling).sqrt()  # (rank,)
-    lora_B = U[:, -rank:] * root  # (out, rank)
-    lora_A = root[:, None] * Vh[-rank:]  # (rank, in)
+    minor = _minor_gram(weight, rank) if solver != "svd" else None
+    if minor is None and solver == "gram":
+        raise ValueError("the Gram matrix is too ill-conditioned for the gram solver; use solver='svd' or 'auto'")
+    if minor is None:
+        # ill-conditioned under "auto": an SVD in float64 keeps the smallest triplets accurate
+        minor = _minor_svd(weight.to(torch.float64 if solver == "auto" else out_dtype), rank)
+    U_m, S_m, V_m = minor  # (out, r), (r,), (in, r)
+    root = (S_m / scaling).sqrt()  # (r,)
+    lora_B = U_m * root  # (out, r)
+    lora_A = root[:, None] * V_m.T  # (r, in)
+    w = weight.to(lora_A.dtype)
     residual = w - scaling * (lora_B @ lora_A)  # (out, in)
     return MinorSplit(residual.to(out_dtype), lora_A.to(out_dtype), lora_B.to(out_dtype))
+
+
+def _minor_svd(w: torch.Tensor, rank: int):
+    # gesdd on CPU, gesvdj/gesvd on CUDA; full_matrices=False keeps U (out, k), Vh (k, in).
+    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+    return U[:, -rank:], S[-rank:], Vh[-rank:].T
+
+
+def _minor_gram(weight: torch.Tensor, rank: int):
+    """(U_m, S_m, V_m) in float64 from the smaller Gram matrix, or None when it is too ill-conditioned."""
+    w = weight.to(torch.float64)
+    tall = w.shape[0] >= w.shape[1]
+    G = w.T @ w if tall else w @ w.T  # (k, k), k = min(out, in)
+    if G.device.type == "cpu":
+        import scipy.linalg
+
+        lam, vec = scipy.linalg.eigh(G.numpy(), subset_by_index=[0, rank - 1], driver="evr", check_finite=False)
+        lam, vec = torch.from_numpy(lam), torch.from_numpy(vec)
+    else:
+        lam, vec = torch.linalg.eigh(G)
+        lam, vec = lam[:rank], vec[:, :rank]
+    if not lam[0] > _GRAM_MIN_RATIO * torch.linalg.matrix_norm(G).item():
+        return None
+    S = lam.sqrt()  # ascending: S[0] is the smallest
+    other = (w @ vec if tall else w.T @ vec) / S  # the second singular factor, (out|in, r)
+    U, V = (other, vec) if tall else (vec, other)
+    order = torch.arange(rank - 1, -1, -1)  # descending, like torch.linalg.svd's last r triplets
+    return U[:, order], S[order], V[:, order]
 
 
 def minor_energy(split: MinorSplit, scaling: float, weight_sq_norm: float) -> float:

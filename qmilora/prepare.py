@@ -157,7 +157,7 @@ def _stream(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], total: int, 
         weight = _check_float(name, tensor).to(svd_device, torch.float32)
         if module_name in targets:
             t = time.perf_counter()
-            split = decompose.minor_split(weight, cfg.rank, cfg.scaling)
+            split = decompose.minor_split(weight, cfg.rank, cfg.scaling, solver=cfg.svd_solver)
             stats.svd_seconds += time.perf_counter() - t
             stats.minor_energy.append(decompose.minor_energy(split, cfg.scaling, weight.square().sum().item()))
             factors[module_name] = (split.lora_A.cpu(), split.lora_B.cpu())
