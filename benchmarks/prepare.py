@@ -1,0 +1,92 @@
+"""Whole-model preparation: QMiLoRA's streamed decompose-then-NF4 against the MiLoRA-official approach (load the
+whole half-precision model on the device, then SVD each target weight in place), same checkpoint, same run.
+Each approach runs in its own process, so its peak memory is its own.
+
+    python benchmarks/prepare.py --shape small                 # CPU
+    python benchmarks/prepare.py --shape llama2-13b            # CUDA, unchanged
+
+Writes benchmarks/results/prepare-<shape>-<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from common import SHAPES, peak_mb, reset_peak, table, write, write_random_checkpoint
+
+
+def official(directory: str, rank: int, device: torch.device) -> None:
+    """The MiLoRA repository's route: whole model on one device, then per-layer float32 SVD, residual kept in place."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, device_map={"": device})
+    head = model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            W = module.weight.data.float()
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            minor = (U[:, -rank:] * S[-rank:]) @ Vh[-rank:]
+            module.weight.data = (W - minor).to(module.weight.dtype)
+
+
+def measure(method: str, directory: str, args) -> dict:
+    device = torch.device(args.device)
+    from qmilora import prepare_model
+
+    reset_peak(device)
+    t = time.perf_counter()
+    if method == "official":
+        official(directory, args.rank, device)
+    else:
+        prepare_model(directory, rank=args.rank, device=str(device), prepared_cache=False, svd_solver=method.split("-")[1])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    row = {"method": method, "seconds": time.perf_counter() - t, "peak_mb": peak_mb(device)}
+    if device.type == "cuda":  # host memory too
+        row["peak_rss_mb"] = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+        row["peak_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    p.add_argument("--checkpoint", help="use this checkpoint directory instead of writing a random one")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--methods", nargs="+", default=["official", "qmilora-svd", "qmilora-auto"])
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        method, directory = args.child.split(":", 1)
+        print("RESULT " + json.dumps(measure(method, directory, args)), flush=True)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = args.checkpoint or os.path.join(tmp, "ckpt")
+        size_gb = write_random_checkpoint(args.shape, directory) if not args.checkpoint else None
+        rows = []
+        for method in args.methods:
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", f"{method}:{directory}"],
+                                 capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+            if out.returncode or not lines:
+                sys.exit(f"{method} failed:\n{out.stderr[-3000:]}")
+            rows.append(json.loads(lines[-1][7:]))
+    base = rows[0]
+    for r in rows:
+        r["time_vs_first"], r["peak_vs_first"] = r["seconds"] / base["seconds"], r["peak_mb"] / base["peak_mb"]
+    print(table(rows, list(rows[-1])))
+    print("wrote", write(f"prepare-{args.shape}-{torch.device(args.device).type}", rows,
+                         {"settings": {"shape": args.shape, "rank": args.rank, "device": args.device,
+                                       "checkpoint_gb": size_gb}}))
+
+
+if __name__ == "__main__":
+    main()

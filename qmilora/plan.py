@@ -1,0 +1,106 @@
+"""Memory plan for preparing and training a model, from its config alone (no weights are read).
+
+The model is built on the meta device, so every architecture transformers knows is counted from its real
+modules: linear weights (4-bit), the rest (fp32 after k-bit preparation, as QLoRA), adapters r·(in+out) per target.
+
+    bytes per 4-bit weight:  1/2 (codes) + absmax: 4/blocksize, or with double quantization
+                             1/blocksize (8-bit absmax) + 4/(256·blocksize) (their fp32 scales, blocks of 256)
+    training:  weights + adapters·(4 param + 4 grad + optimizer state) + activations + logits
+    activations (per micro-batch token): checkpointed layer inputs L·h·2 bytes, plus one layer recomputed
+               (≈ 34·h + 5·heads·T bytes per token without fused attention, 34·h with it)
+    logits:    T·vocab·4 bytes for the float32 logits, ×3 (logits, log-softmax, their gradient)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+GB = 2**30
+_OPTIMIZER_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "adamw_bnb_8bit": 2, "adamw_torch": 8,
+                    "adamw_torch_fused": 8, "paged_adamw_32bit": 8, "sgd": 0}
+
+
+@dataclass
+class PlanConfig:
+    model: str = field(metadata={"help": "Checkpoint directory or Hub id (only config.json is read).", "aliases": ["--model_name_or_path"]})
+    rank: int = field(default=64, metadata={"help": "LoRA rank.", "aliases": ["--lora_r"]})
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "As for qmilora-train."})
+    max_seq_length: int = field(default=2048, metadata={"help": "Tokens per sequence.", "aliases": ["--max_length"]})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Micro-batch size."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Activation checkpointing per layer."})
+    optim: str = field(default="paged_adamw_8bit", metadata={"help": "Optimizer, as in TrainingArguments."})
+    double_quant: bool = field(default=True, metadata={"help": "As in QMiLoRAConfig."})
+    blocksize: int = field(default=64, metadata={"help": "As in QMiLoRAConfig."})
+    fused_attention: bool = field(default=True, metadata={"help": "SDPA/flash attention (no T×T score matrices kept)."})
+    gpu_memory: str = field(default="24GB", metadata={"help": "Card size to check the plan against, e.g. 24GB."})
+
+
+def bytes_per_4bit_weight(blocksize: int, double_quant: bool) -> float:
+    absmax = 1 / blocksize + 4 / (256 * blocksize) if double_quant else 4 / blocksize
+    return 0.5 + absmax
+
+
+def count(hf_config, target_modules: list[str]) -> dict:
+    """Parameter counts of the model built on meta: 4-bit linear weights, other params, adapter (in+out) sums."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(hf_config)
+    head = model.get_output_embeddings()
+    linear, adapter, largest = 0, 0, (0, 0)
+    quantized_ids = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        linear += module.weight.numel()
+        quantized_ids.add(id(module.weight))
+        out_f, in_f = module.weight.shape
+        largest = max(largest, (out_f, in_f), key=lambda s: s[0] * s[1])
+        if target_modules == ["all-linear"] or any(name == t or name.endswith("." + t) for t in target_modules):
+            adapter += in_f + out_f
+    other = sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids)
+    cfg = model.config
+    return {"linear": linear, "other": other, "adapter_in_out": adapter, "largest_linear": largest,
+            "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
+            "vocab": cfg.vocab_size}
+
+
+def plan(cfg: PlanConfig, hf_config) -> dict:
+    c = count(hf_config, cfg.target_modules)
+    weights = c["linear"] * bytes_per_4bit_weight(cfg.blocksize, cfg.double_quant) + c["other"] * 4
+    adapter_params = cfg.rank * c["adapter_in_out"]
+    optimizer_bytes = _OPTIMIZER_BYTES.get(cfg.optim, 8)
+    adapters = adapter_params * 4
+    grads_and_optimizer = adapter_params * (4 + optimizer_bytes)
+    tokens = cfg.max_seq_length * cfg.per_device_train_batch_size
+    per_layer = tokens * (34 * c["hidden"] + (0 if cfg.fused_attention else 5 * c["heads"] * cfg.max_seq_length))
+    if cfg.gradient_checkpointing:
+        activations = c["layers"] * tokens * c["hidden"] * 2 + per_layer
+    else:
+        activations = c["layers"] * per_layer
+    logits = 3 * tokens * c["vocab"] * 4
+    out_f, in_f = c["largest_linear"]
+    k = min(out_f, in_f)
+    # one weight on the device during preparation: fp32 copy, float64 copy, Gram matrix and eigensolver work
+    svd_workspace = out_f * in_f * (4 + 8 + 4) + k * k * 8 * 3
+    prepare_peak = weights + adapters + svd_workspace
+    train_peak = weights + adapters + grads_and_optimizer + activations + logits
+    return {"quantized_weights_gb": weights / GB, "adapter_params": adapter_params, "adapters_gb": adapters / GB,
+            "grads_and_optimizer_gb": grads_and_optimizer / GB, "activations_gb": activations / GB,
+            "logits_gb": logits / GB, "svd_workspace_gb": svd_workspace / GB, "prepare_peak_gb": prepare_peak / GB,
+            "train_peak_gb": train_peak / GB, "gpu_gb": parse_size(cfg.gpu_memory) / GB,
+            "fits": max(prepare_peak, train_peak) <= parse_size(cfg.gpu_memory)}
+
+
+def parse_size(text: str) -> float:
+    units = {"TB": 2**40, "GB": 2**30, "GIB": 2**30, "MB": 2**20, "MIB": 2**20}
+    t = text.strip().upper()
+    for unit, factor in units.items():
+        if t.endswith(unit):
+            try:
+                return float(t[: -len(unit)]) * factor
+            except ValueError:
+                break
+    raise ValueError(f"memory size must look like 24GB or 800MB, got {text!r}")

@@ -1,0 +1,65 @@
+import pytest
+import torch
+from transformers import AutoConfig
+
+from qmilora import prepare_model
+from qmilora.cli.plan import main as plan_main
+from qmilora.plan import PlanConfig, bytes_per_4bit_weight, count, parse_size, plan
+from qmilora.quantize import is_4bit_linear
+
+from conftest import save_tiny
+
+
+@pytest.fixture(scope="module")
+def even_ckpt(tmp_path_factory):
+    """Weights whose sizes fill whole quantization blocks (and whole blocks of 256 absmax values)."""
+    d = tmp_path_factory.mktemp("even")
+    save_tiny(d, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4, vocab_size=64)
+    return str(d)
+
+
+def state_bytes(qs) -> int:
+    tensors = [qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code, qs.offset] if qs.nested else [])
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("double_quant, blocksize", [(True, 64), (False, 64), (False, 128)])
+def test_4bit_bytes_match_a_prepared_model(even_ckpt, tmp_path, double_quant, blocksize):
+    model = prepare_model(even_ckpt, rank=8, double_quant=double_quant, blocksize=blocksize, cache_dir=str(tmp_path))
+    layers = [m for m in model.modules() if is_4bit_linear(m)]
+    actual = sum(m.weight.numel() * m.weight.element_size() + state_bytes(m.weight.quant_state) for m in layers)
+    numel = sum(m.in_features * m.out_features for m in layers)
+    per_layer_constants = (16 + (256 + 1 if double_quant else 0)) * 4  # the NF4 code table (+ nested code, offset)
+    assert actual == pytest.approx(numel * bytes_per_4bit_weight(blocksize, double_quant) + len(layers) * per_layer_constants,
+                                   abs=1)
+
+
+def test_counts_match_the_prepared_model(even_ckpt, tmp_path):
+    hf = AutoConfig.from_pretrained(even_ckpt)
+    for targets in (["all-linear"], ["q_proj", "down_proj"]):
+        model = prepare_model(even_ckpt, rank=8, target_modules=targets, cache_dir=str(tmp_path))
+        c = count(hf, targets)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert 8 * c["adapter_in_out"] == trainable
+        linear = sum(m.in_features * m.out_features for m in model.modules() if is_4bit_linear(m))
+        assert c["linear"] == linear
+        other = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n and p.dtype != torch.uint8)
+        assert c["other"] == other
+
+
+def test_plan_arithmetic_and_cli(even_ckpt, capsys):
+    hf = AutoConfig.from_pretrained(even_ckpt)
+    small = plan(PlanConfig(model=even_ckpt, rank=8, max_seq_length=64), hf)
+    long = plan(PlanConfig(model=even_ckpt, rank=8, max_seq_length=128), hf)
+    assert long["logits_gb"] == pytest.approx(2 * small["logits_gb"])
+    assert long["quantized_weights_gb"] == small["quantized_weights_gb"]
+    no_ckpt = plan(PlanConfig(model=even_ckpt, rank=8, max_seq_length=64, gradient_checkpointing=False), hf)
+    assert no_ckpt["activations_gb"] > small["activations_gb"]
+    adamw = plan(PlanConfig(model=even_ckpt, rank=8, optim="adamw_torch"), hf)
+    assert adamw["grads_and_optimizer_gb"] == pytest.approx(small["grads_and_optimizer_gb"] * 12 / 6)
+    assert plan_main(["--model", even_ckpt, "--rank", "8", "--gpu_memory", "24GB"]) == 0
+    assert "fits in 24 GB" in capsys.readouterr().out
+    assert plan_main(["--model", even_ckpt, "--gpu_memory", "1MB"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out
+    assert plan_main(["--model", even_ckpt, "--gpu_memory", "lots"]) == 1
+    assert parse_size("1.5GB") == 1.5 * 2**30 and parse_size("800MB") == 800 * 2**20
