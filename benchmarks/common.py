@@ -13,6 +13,47 @@ import torch
 RESULTS = os.environ.get("QMILORA_BENCH_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def comparison_parser(doc: str):
+    """Flags shared by the model-level comparisons (prepare.py, train.py)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    p.add_argument("--checkpoint", help="use this checkpoint directory instead of writing a random one")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    return p
+
+
+def compare(script: str, args, methods: list[str], measure) -> tuple[list[dict], float | None]:
+    """In a child (`--child method:directory`): print `RESULT {json}` of measure(method, directory, args) and exit.
+    In the parent: write the checkpoint (unless --checkpoint), run each method in a fresh process so that its
+    peak memory is its own, and return (rows, checkpoint GB)."""
+    if args.child:
+        method, directory = args.child.split(":", 1)
+        print("RESULT " + json.dumps(measure(method, directory, args)), flush=True)
+        sys.exit(0)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = args.checkpoint or os.path.join(tmp, "ckpt")
+        size_gb = None if args.checkpoint else write_random_checkpoint(args.shape, directory)
+        return run_children(script, methods, directory), size_gb
+
+
+def run_children(script: str, methods: list[str], directory: str) -> list[dict]:
+    rows = []
+    for method in methods:
+        out = subprocess.run([sys.executable, script, *sys.argv[1:], "--child", f"{method}:{directory}"],
+                             capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if out.returncode or not lines:
+            sys.exit(f"{method} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(lines[-1][len("RESULT "):]))
+    return rows
+
+
 def machine() -> dict:
     import bitsandbytes
     import peft
@@ -72,6 +113,18 @@ SHAPES = {
 }
 
 
+def llm_like(out: int, inp: int, generator=None, device=None) -> torch.Tensor:
+    """A random (out, in) float32 weight with an LLM-like spectrum: random singular vectors, singular values from
+    1 down to 0.05 (trained projections show σ_min/σ_max of ~1e-1..1e-2). A plain square Gaussian matrix is
+    instead nearly singular (σ_min ~ 1/n), which no trained weight is."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    k = min(out, inp)
+    U, _ = torch.linalg.qr(torch.randn(out, k, generator=generator).to(device))
+    V, _ = torch.linalg.qr(torch.randn(inp, k, generator=generator).to(device))
+    S = torch.linspace(1.0, 0.05, k, device=device) * (2 / inp) ** 0.5 * k**0.5
+    return (U * S) @ V.T
+
+
 def write_random_checkpoint(shape: str, directory: str, dtype=torch.bfloat16) -> float:
     """A random-weight Llama of a named shape as sharded safetensors, built layer by layer on the meta device so
     that a 13B shape never sits in memory whole. Returns the checkpoint size in GB."""
@@ -86,6 +139,8 @@ def write_random_checkpoint(shape: str, directory: str, dtype=torch.bfloat16) ->
         skeleton = LlamaForCausalLM(config)
     os.makedirs(directory, exist_ok=True)
     config.save_pretrained(directory)
+    head = skeleton.get_output_embeddings()
+    linear = {f"{n}.weight" for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     g = torch.Generator().manual_seed(0)
     weight_map, shard, shard_bytes, index, total = {}, {}, 0, 0, 0
 
@@ -100,7 +155,9 @@ def write_random_checkpoint(shape: str, directory: str, dtype=torch.bfloat16) ->
     for name, param in skeleton.named_parameters():
         if name.endswith("norm.weight"):
             t = torch.ones(param.shape, dtype=dtype)
-        else:  # fan-in scaled Gaussian, like a trained layer's magnitude
+        elif name in linear:  # the layers QMiLoRA decomposes
+            t = llm_like(*param.shape, generator=g).to("cpu", dtype)
+        else:  # embeddings and head: fan-in scaled Gaussian
             t = (torch.randn(param.shape, generator=g) / param.shape[-1] ** 0.5).to(dtype)
         shard[name] = t
         shard_bytes += t.numel() * t.element_size()

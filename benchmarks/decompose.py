@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common import peak_mb, reset_peak, table, write
+from common import llm_like, peak_mb, reset_peak, table, write
 from qmilora import minor_split
 
 
@@ -50,7 +50,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         out, inp = map(int, shape.split("x"))
-        W = torch.randn(out, inp, device=device) / inp**0.5
+        W = llm_like(out, inp, torch.Generator().manual_seed(0), device)
         minor_split(W[:64, :64], 8)  # warm up the solver's libraries
         base_s, base_mb = timed(lambda: torch.linalg.svd(W, full_matrices=False), device, args.repeat)
         row = {"shape": shape, "rank": args.rank, "torch_svd_s": base_s, "torch_svd_peak_mb": base_mb}

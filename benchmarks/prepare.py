@@ -9,17 +9,11 @@ Writes benchmarks/results/prepare-<shape>-<device>.json.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 
 import torch
 
-from common import SHAPES, peak_mb, reset_peak, table, write, write_random_checkpoint
+from common import compare, comparison_parser, peak_mb, reset_peak, table, write
 
 
 def official(directory: str, rank: int, device: torch.device) -> None:
@@ -56,29 +50,10 @@ def measure(method: str, directory: str, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
-    p.add_argument("--checkpoint", help="use this checkpoint directory instead of writing a random one")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rank", type=int, default=64)
+    p = comparison_parser(__doc__)
     p.add_argument("--methods", nargs="+", default=["official", "qmilora-svd", "qmilora-auto"])
-    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child:
-        method, directory = args.child.split(":", 1)
-        print("RESULT " + json.dumps(measure(method, directory, args)), flush=True)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = args.checkpoint or os.path.join(tmp, "ckpt")
-        size_gb = write_random_checkpoint(args.shape, directory) if not args.checkpoint else None
-        rows = []
-        for method in args.methods:
-            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", f"{method}:{directory}"],
-                                 capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-            if out.returncode or not lines:
-                sys.exit(f"{method} failed:\n{out.stderr[-3000:]}")
-            rows.append(json.loads(lines[-1][7:]))
+    rows, size_gb = compare(__file__, args, args.methods, measure)
     base = rows[0]
     for r in rows:
         r["time_vs_first"], r["peak_vs_first"] = r["seconds"] / base["seconds"], r["peak_mb"] / base["peak_mb"]

@@ -9,17 +9,12 @@ Prints a table with QMiLoRA/QLoRA ratios and writes benchmarks/results/train-<sh
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 
 import torch
 
-from common import SHAPES, peak_mb, reset_peak, table, write, write_random_checkpoint
+from common import compare, comparison_parser, peak_mb, reset_peak, table, write
 
 
 def build(method: str, directory: str, rank: int, device: torch.device):
@@ -84,33 +79,13 @@ def measure(method: str, directory: str, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
-    p.add_argument("--checkpoint", help="use this checkpoint directory instead of writing a random one")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--rank", type=int, default=64)
+    p = comparison_parser(__doc__)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.child:
-        method, directory = args.child.split(":", 1)
-        print("RESULT " + json.dumps(measure(method, directory, args)), flush=True)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = args.checkpoint or os.path.join(tmp, "ckpt")
-        if not args.checkpoint:
-            write_random_checkpoint(args.shape, directory)
-        rows = []
-        for method in ("qlora", "qmilora"):
-            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", f"{method}:{directory}"],
-                                 capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-            if out.returncode or not lines:
-                sys.exit(f"{method} failed:\n{out.stderr[-3000:]}")
-            rows.append(json.loads(lines[-1][7:]))
+    rows, _ = compare(__file__, args, ["qlora", "qmilora"], measure)
     q, m = rows
     ratios = {"method": "qmilora/qlora", "tokens_per_s": m["tokens_per_s"] / q["tokens_per_s"],
               "step_s": m["step_s"] / q["step_s"], "peak_mb": m["peak_mb"] / q["peak_mb"],
