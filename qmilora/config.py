@@ -48,11 +48,11 @@ class QMiLoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
-        if self.lora_alpha is None:
-            self.lora_alpha = float(self.rank)
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        self.lora_alpha = float(self.lora_alpha)
+        # None stays None (= rank): a copy with another rank then still means "alpha = rank"
+        if self.lora_alpha is not None:
+            if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
+                raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+            self.lora_alpha = float(self.lora_alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         targets = [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)
@@ -83,9 +83,14 @@ class QMiLoRAConfig:
         return "all-linear" if self.target_modules == ["all-linear"] else self.target_modules
 
     @property
+    def alpha(self) -> float:
+        """lora_alpha, or rank when it is unset."""
+        return float(self.rank) if self.lora_alpha is None else self.lora_alpha
+
+    @property
     def scaling(self) -> float:
         """s = lora_alpha / rank, the factor PEFT applies to B @ A."""
-        return self.lora_alpha / self.rank
+        return self.alpha / self.rank
 
     @property
     def torch_compute_dtype(self) -> torch.dtype:
@@ -110,7 +115,7 @@ class QMiLoRAConfig:
     def result_fields(self) -> dict:
         """The fields that change the prepared model's tensors (the cache key); dropout and placement do not."""
         skip = {"lora_dropout", "device", "svd_device", "cache_dir", "prepared_cache"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        return {**{k: v for k, v in asdict(self).items() if k not in skip}, "lora_alpha": self.alpha}
 
     def to_dict(self) -> dict:
         return asdict(self)

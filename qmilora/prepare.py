@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ def prepare_model(model: str | os.PathLike | PreTrainedModel, config: QMiLoRACon
     stats.seconds = time.perf_counter() - t0
     _record_peaks(stats, cfg.resolved_device)
     peft_model.qmilora_stats = stats
-    log.info(stats.summary())
+    tqdm.write(stats.summary(), file=sys.stderr)  # beside the progress bar, logging configured or not
     return peft_model
 
 
@@ -220,7 +221,7 @@ def _wrap(base: PreTrainedModel, cfg: QMiLoRAConfig, *, factors=None, adapter_di
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter_dir is None:
-        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, bias="none",
                           target_modules=cfg.peft_target_modules, task_type="CAUSAL_LM", init_lora_weights=False)
         model = get_peft_model(base, lora)
     else:

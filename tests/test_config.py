@@ -5,7 +5,10 @@ from qmilora import QMiLoRAConfig
 
 def test_defaults():
     c = QMiLoRAConfig()
-    assert c.rank == 64 and c.lora_alpha == 64 and c.scaling == 1.0
+    assert c.rank == 64 and c.alpha == 64 and c.scaling == 1.0
+    # alpha follows rank unless set, also through a copy with another rank (prepare_model's overrides)
+    assert QMiLoRAConfig(**{**c.to_dict(), "rank": 8}).alpha == 8
+    assert QMiLoRAConfig(**{**QMiLoRAConfig(lora_alpha=32).to_dict(), "rank": 8}).scaling == 4.0
     assert c.target_modules == ["all-linear"] and c.peft_target_modules == "all-linear" and c.quant_type == "nf4" and c.double_quant and c.blocksize == 64
     assert c.compute_dtype == "float32"  # no GPU here
     assert QMiLoRAConfig(rank=8, lora_alpha=16).scaling == 2.0

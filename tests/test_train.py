@@ -69,7 +69,7 @@ def test_yaml_config_and_aliases(tmp_path):
     cfg.write_text(yaml.safe_dump({"rank": 4, "learning_rate": 1e-3, "data_format": "chat", "lora_dropout": 0.1}))
     run, q, d, t = parse(["--config", str(cfg), "--lora_r", "8", "--model_name_or_path", "m", "--max_length", "99",
                           "--output_dir", str(tmp_path / "o")])
-    assert (run.model, q.rank, q.lora_alpha, q.lora_dropout) == ("m", 8, 8.0, 0.1)
+    assert (run.model, q.rank, q.alpha, q.lora_dropout) == ("m", 8, 8.0, 0.1)
     assert (d.data_format, d.max_seq_length, t.learning_rate) == ("chat", 99, 1e-3)
     assert t.gradient_checkpointing and t.lr_scheduler_type == "cosine" and t.optim == "adamw_torch"
     bad = tmp_path / "bad.yaml"
