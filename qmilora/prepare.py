@@ -62,7 +62,8 @@ def prepare_model(model: str | os.PathLike | PreTrainedModel, config: QMiLoRACon
     t0 = time.perf_counter()
     if isinstance(model, PreTrainedModel):
         refuse_quantized_model(model)
-        base, factors, stats = _stream(model.config, model.state_dict().items(), len(model.state_dict()), cfg)
+        state = model.state_dict()  # views of the model's own tensors, no copy
+        base, factors, stats = _stream(model.config, state.items(), len(state), cfg)
         peft_model = _wrap(base, cfg, factors=factors)
     elif isinstance(model, torch.nn.Module):
         raise QMiLoRAError(f"prepare_model takes a transformers PreTrainedModel or a checkpoint path, got {type(model).__name__}")

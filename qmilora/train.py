@@ -162,7 +162,8 @@ def _write_outputs(model, tokenizer, trainer, out, directory, run, qcfg, dcfg, a
                 "versions": _versions()}
         with open(os.path.join(tmp, "qmilora.json"), "w") as f:
             json.dump(meta, f, indent=2, default=str)
-        for name in os.listdir(tmp):
+        # qmilora.json goes last: its presence (what export/eval check) implies the adapter beside it is final
+        for name in sorted(os.listdir(tmp), key=lambda n: n == "qmilora.json"):
             dest = os.path.join(out, name)
             if os.path.isdir(dest):
                 shutil.rmtree(dest)

@@ -116,5 +116,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_llm, tmp_path, c
     assert main(argv(tiny_llm, killed, cache, *common, "--resume_from_checkpoint", "true")) == 0
     a, b = adapter(full), adapter(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    loss = lambda d: json.load(open(d / "qmilora.json"))["summary"]["steps"]  # noqa: E731
-    assert loss(full) == loss(killed) == 6
+    summary = lambda d: json.load(open(d / "qmilora.json"))["summary"]  # noqa: E731
+    assert summary(full)["steps"] == summary(killed)["steps"] == 6
+    last_loss = lambda d: [h["loss"] for h in json.load(open(d / "checkpoint-6" / "trainer_state.json"))["log_history"]  # noqa: E731
+                           if h.get("step") == 6 and "loss" in h]
+    assert last_loss(full) and last_loss(full) == last_loss(killed)
