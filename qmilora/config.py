@@ -39,6 +39,9 @@ class QMiLoRAConfig:
     quant_type: str = field(default="nf4", metadata={"help": "bitsandbytes 4-bit data type of the frozen residual: nf4 or fp4."})
     double_quant: bool = field(default=True, metadata={"help": "Quantize the per-block absmax constants too (QLoRA's double quantization)."})
     blocksize: int = field(default=64, metadata={"help": "Quantization block size (weights per absmax constant)."})
+    calibration_data: str | None = field(default=None, metadata={"help": "Round the 4-bit residual to suit real inputs (GPTQ error feedback on the NF4 grid; same format, memory and speed) using this text: a data file in any format qmilora-train reads, a datasets hub name, or 'bundled'. Default: round-to-nearest, as QLoRA."})
+    calibration_samples: int = field(default=64, metadata={"help": "Calibration windows (of calibration_length tokens) run through the full-precision model."})
+    calibration_length: int = field(default=256, metadata={"help": "Tokens per calibration window."})
     compute_dtype: str | None = field(default=None, metadata={"help": "Dtype of the 4-bit matmuls and of the unquantized weights: float32, bfloat16 or float16. Default: bfloat16 on a GPU that supports it, else float32."})
     device: str = field(default="auto", metadata={"help": "Where the prepared model lives: auto (cuda:0 when there is a GPU, else cpu), cpu, cuda, cuda:1, ..."})
     svd_device: str = field(default="auto", metadata={"help": "Where each weight's SVD runs: auto (same as device), cpu, cuda, ..."})
@@ -65,6 +68,10 @@ class QMiLoRAConfig:
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
         if self.blocksize not in _BLOCKSIZES:
             raise ValueError(f"blocksize must be one of {_BLOCKSIZES}, got {self.blocksize!r}")
+        if self.calibration_samples < 1 or self.calibration_length < 2:
+            raise ValueError(f"calibration needs >= 1 sample of >= 2 tokens, got {self.calibration_samples} x {self.calibration_length}")
+        if self.calibration_data is not None and not self.quantize:
+            raise ValueError("calibration_data shapes the 4-bit rounding: it needs quantize=True")
         if self.compute_dtype is None:
             self.compute_dtype = "bfloat16" if _cuda() and torch.cuda.is_bf16_supported() else "float32"
         if self.compute_dtype not in _DTYPES:
@@ -115,6 +122,8 @@ class QMiLoRAConfig:
     def result_fields(self) -> dict:
         """The fields that change the prepared model's tensors (the cache key); dropout and placement do not."""
         skip = {"lora_dropout", "device", "svd_device", "cache_dir", "prepared_cache"}
+        if self.calibration_data is None:
+            skip |= {"calibration_samples", "calibration_length"}
         return {**{k: v for k, v in asdict(self).items() if k not in skip}, "lora_alpha": self.alpha}
 
     def to_dict(self) -> dict:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 from transformers.quantizers import AutoHfQuantizer
 
-from . import checkpoint, decompose, quantize
+from . import calibrate, checkpoint, decompose, quantize
 from .config import QMiLoRAConfig, QMiLoRAError
 
 log = logging.getLogger("qmilora")
@@ -43,11 +43,13 @@ class PrepareStats:
     peak_rss_gb: float = 0.0
     peak_gpu_gb: float = 0.0
     from_cache: bool = False
+    calibrated: int = 0
 
     def summary(self) -> str:
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
         where = "loaded from cache" if self.from_cache else (
-            f"{self.decomposed} decomposed, {self.layers - self.decomposed} quantized as-is")
+            f"{self.decomposed} decomposed, {self.layers - self.decomposed} quantized as-is"
+            + (f", {self.calibrated} calibrated" if self.calibrated else ""))
         return (f"qmilora: {self.layers} 4-bit layers ({where}) in {self.seconds:.1f}s (SVD {self.svd_seconds:.1f}s); "
                 f"mean NF4 rel. error {mean(self.nf4_rel_error):.4f}; mean minor energy {mean(self.minor_energy):.2e}; "
                 f"peak RSS {self.peak_rss_gb:.2f} GB" + (f", peak GPU {self.peak_gpu_gb:.2f} GB" if self.peak_gpu_gb else ""))
@@ -62,8 +64,9 @@ def prepare_model(model: str | os.PathLike | PreTrainedModel, config: QMiLoRACon
     t0 = time.perf_counter()
     if isinstance(model, PreTrainedModel):
         refuse_quantized_model(model)
+        hessians = _calibrate(model, getattr(model, "name_or_path", ""), cfg)
         state = model.state_dict()  # views of the model's own tensors, no copy
-        base, factors, stats = _stream(model.config, state.items(), len(state), cfg)
+        base, factors, stats = _stream(model.config, state.items(), len(state), cfg, hessians)
         peft_model = _wrap(base, cfg, factors=factors)
     elif isinstance(model, torch.nn.Module):
         raise QMiLoRAError(f"prepare_model takes a transformers PreTrainedModel or a checkpoint path, got {type(model).__name__}")
@@ -97,14 +100,21 @@ def _prepare_checkpoint(source: str, cfg: QMiLoRAConfig) -> tuple[PeftModel, Pre
     checkpoint.refuse_quantized_tensors(names)
 
     identity = checkpoint.fingerprint(directory, files)
-    key = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "source": identity, "config": cfg.result_fields()},
-                                    sort_keys=True).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "source": identity, "config": cfg.result_fields(),
+                                     "calibration": calibrate.identity(cfg)}, sort_keys=True).encode()).hexdigest()[:24]
     cached = os.path.join(cfg.resolved_cache_dir, key)
     if cfg.prepared_cache and os.path.isfile(os.path.join(cached, META_FILE)):
         log.info("qmilora: loading the prepared model from %s", cached)
         return load_prepared(cached, cfg), PrepareStats(from_cache=True)
 
-    base, factors, stats = _stream(hf_config, checkpoint.iter_tensors(files), len(names), cfg)
+    hessians = None
+    if cfg.calibration_data is not None:  # the one step that needs the whole full-precision model, once
+        full = AutoModelForCausalLM.from_pretrained(directory, dtype=cfg.torch_compute_dtype,
+                                                    device_map={"": cfg.resolved_device})
+        hessians = _calibrate(full, directory, cfg)
+        del full
+        checkpoint.release_host_memory()
+    base, factors, stats = _stream(hf_config, checkpoint.iter_tensors(files), len(names), cfg, hessians)
     if not cfg.prepared_cache:
         return _wrap(base, cfg, factors=factors), stats
     meta = {"format": CACHE_FORMAT, "source": os.path.abspath(directory), "source_fingerprint": identity,
@@ -125,8 +135,28 @@ def load_prepared(directory: str, cfg: QMiLoRAConfig) -> PeftModel:
     return _wrap(base, cfg, adapter_dir=os.path.join(directory, ADAPTER_DIR))
 
 
-def _stream(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], total: int, cfg: QMiLoRAConfig):
-    """Fill a 4-bit skeleton from (name, tensor) pairs. Returns (base model, {layer: (A, B)} on the host, stats)."""
+def _calibrate(model: PreTrainedModel, tokenizer_source: str, cfg: QMiLoRAConfig) -> dict[str, torch.Tensor] | None:
+    """Input Hessians of every linear layer but the head, on the calibration text (None without calibration)."""
+    if cfg.calibration_data is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    except (OSError, ValueError) as e:
+        raise QMiLoRAError(f"calibration needs the model's tokenizer, which {tokenizer_source!r} does not provide: {e}") from None
+    head = model.get_output_embeddings()
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    t = time.perf_counter()
+    found = calibrate.hessians(model, names, calibrate.windows(cfg, tokenizer))
+    log.info("qmilora: calibration Hessians of %d layers in %.1fs", len(found), time.perf_counter() - t)
+    return found
+
+
+def _stream(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], total: int, cfg: QMiLoRAConfig,
+            hessians: dict[str, torch.Tensor] | None = None):
+    """Fill a 4-bit skeleton from (name, tensor) pairs. Returns (base model, {layer: (A, B)} on the host, stats).
+    With `hessians`, each 4-bit weight is rounded by `calibrate.gptq_codes` instead of to nearest."""
     device, svd_device, dtype = cfg.resolved_device, cfg.resolved_svd_device, cfg.torch_compute_dtype
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
@@ -167,8 +197,12 @@ def _stream(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], total: int, 
             stats.decomposed += 1
         weight = weight.to(device)
         if cfg.quantize:
-            param = quantize.quantize(weight, quant_type=cfg.quant_type, blocksize=cfg.blocksize,
-                                      double_quant=cfg.double_quant, out_dtype=dtype)
+            kwargs = dict(quant_type=cfg.quant_type, blocksize=cfg.blocksize, double_quant=cfg.double_quant, out_dtype=dtype)
+            if hessians is not None and module_name in hessians:
+                param = quantize.quantize_calibrated(weight, hessians.pop(module_name).to(weight.device), **kwargs)
+                stats.calibrated += 1
+            else:
+                param = quantize.quantize(weight, **kwargs)
             err = (quantize.dequantize(param).float() - weight).norm() / weight.norm().clamp_min(1e-30)
             stats.nf4_rel_error.append(err.item())
             quantize.set_weight(model.get_submodule(module_name), param)

@@ -22,9 +22,41 @@ def quantize(weight: torch.Tensor, *, quant_type: str, blocksize: int, double_qu
     """
     data, state = quantize_4bit(weight.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
                                 quant_type=quant_type, quant_storage=torch.uint8)
+    return _param(data, state, out_dtype)
+
+
+def quantize_calibrated(weight: torch.Tensor, hessian: torch.Tensor, *, quant_type: str, blocksize: int,
+                        double_quant: bool, out_dtype: torch.dtype) -> bnb.nn.Params4bit:
+    """Like `quantize`, with bitsandbytes' own absmax for `weight` (out, in), but with codes chosen by GPTQ's error
+    feedback under the calibration Hessian (in, in) instead of round-to-nearest (see `calibrate`)."""
+    from .calibrate import gptq_codes
+
+    data, state = quantize_4bit(weight.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
+                                quant_type=quant_type, quant_storage=torch.uint8)
+    top = int(state.code.abs().argmax())  # the ±1 level: dequantizing it everywhere yields each element's absmax
+    scale = dequantize_4bit(torch.full_like(data, top << 4 | top), state).float() / state.code[top].float()
+    codes = gptq_codes(weight, hessian, scale, state.code)
+    return _param(pack(codes, data.shape), state, out_dtype)
+
+
+def pack(codes: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """bitsandbytes' 4-bit storage: two codes per byte in row-major order, the first in the high nibble."""
+    flat = codes.flatten().to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return (flat[0::2] << 4 | flat[1::2]).reshape(shape)
+
+
+def unpack(data: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of `pack`: the codes (flat, int64) of a 4-bit tensor holding `numel` values."""
+    flat = data.flatten()
+    return torch.stack([flat >> 4, flat & 15], 1).flatten()[:numel].long()
+
+
+def _param(data: torch.Tensor, state: QuantState, out_dtype: torch.dtype) -> bnb.nn.Params4bit:
     state.dtype = out_dtype
-    return bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=blocksize,
-                             compress_statistics=double_quant, quant_type=quant_type,
+    return bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=state.blocksize,
+                             compress_statistics=state.nested, quant_type=state.quant_type,
                              quant_storage=torch.uint8, bnb_quantized=True)
 
 
@@ -80,5 +112,5 @@ def is_cpu_packed(param: torch.Tensor) -> bool:
     return bool(getattr(getattr(param, "quant_state", None), "packing_format_for_cpu", False))
 
 
-__all__ = ["QuantState", "quantize", "dequantize", "round_trip", "set_weight", "is_4bit_linear",
+__all__ = ["QuantState", "quantize", "quantize_calibrated", "pack", "unpack", "dequantize", "round_trip", "set_weight", "is_4bit_linear",
            "is_quantized_module", "keep_training_layout", "is_cpu_packed"]
