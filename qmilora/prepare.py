@@ -47,10 +47,14 @@ class PrepareStats:
 
     def summary(self) -> str:
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-        where = "loaded from cache" if self.from_cache else (
-            f"{self.decomposed} decomposed, {self.layers - self.decomposed} quantized as-is"
-            + (f", {self.calibrated} calibrated" if self.calibrated else ""))
-        return (f"qmilora: {self.layers} 4-bit layers ({where}) in {self.seconds:.1f}s (SVD {self.svd_seconds:.1f}s); "
+        if self.from_cache:
+            what = f"{self.layers} 4-bit layers (loaded from cache)"
+        elif self.layers:
+            what = (f"{self.layers} 4-bit layers ({self.decomposed} decomposed, {self.layers - self.decomposed} quantized "
+                    "as-is" + (f", {self.calibrated} calibrated" if self.calibrated else "") + ")")
+        else:
+            what = f"{self.decomposed} layers decomposed, kept in full precision"
+        return (f"qmilora: {what} in {self.seconds:.1f}s (SVD {self.svd_seconds:.1f}s); "
                 f"mean NF4 rel. error {mean(self.nf4_rel_error):.4f}; mean minor energy {mean(self.minor_energy):.2e}; "
                 f"peak RSS {self.peak_rss_gb:.2f} GB" + (f", peak GPU {self.peak_gpu_gb:.2f} GB" if self.peak_gpu_gb else ""))
 

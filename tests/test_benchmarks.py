@@ -22,3 +22,34 @@ def test_benchmark_runs(tmp_path, script, args, rows):
     (result,) = [json.load(open(tmp_path / f)) for f in os.listdir(tmp_path)]
     assert len(result["rows"]) == rows and result["machine"]["torch"] and result["machine"]["command"]
     assert "| " in out.stdout  # the markdown table
+
+
+def test_quality_runs(tmp_path, tiny_llm):
+    """quality.py end to end on the tiny chat Llama: three methods, one seed, two steps, pydoc text only."""
+    env = {**os.environ, "QMILORA_BENCH_RESULTS": str(tmp_path), "TQDM_DISABLE": "1"}
+    args = ["--model", tiny_llm, "--methods", "qlora,qmilora,qpissa", "--seeds", "0", "--steps", "2", "--batch", "2",
+            "--rank", "4", "--train_rows", "8", "--test_rows", "4", "--text", "pydoc", "--windows", "2", "--tag", "t",
+            "--threads", "1"]
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "quality.py"), *args], cwd=BENCH, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.load(open(tmp_path / "quality-t.json"))
+    assert [r["method"] for r in result["rows"]] == ["qlora", "qmilora", "qpissa"]
+    assert all(r["base_4bit_layers"].split("/")[0] == r["base_4bit_layers"].split("/")[1] != "0" for r in result["rows"])
+    assert [a["method"] for a in result["summary"]] == ["qlora", "qmilora", "qpissa"]
+    assert result["base"]["ppl_pydoc"] > 1 and result["machine"]["command"]
+    assert "| qpissa |" in out.stdout and (tmp_path / "quality-t.png").is_file()
+
+
+def test_init_gap_runs(tmp_path, tiny_llm):
+    env = {**os.environ, "QMILORA_BENCH_RESULTS": str(tmp_path), "TQDM_DISABLE": "1"}
+    args = ["--model", tiny_llm, "--rank", "4", "--text", "pydoc", "--windows", "2", "--calibration_samples", "4",
+            "--variants", "qlora,qmilora,dither,qmilora-cal", "--tag", "t"]
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "init_gap.py"), *args], cwd=BENCH, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.load(open(tmp_path / "t.json"))
+    assert [r["variant"] for r in result["rows"]] == ["fp32", "qlora", "qmilora", "dither", "qmilora-cal"]
+    errors = {r["variant"]: r for r in result["output_error_vs_qlora"]}
+    # calibrated rounding lowers the calibration-weighted output error of every projection type
+    assert all(errors["qmilora-cal"][t] < errors["qmilora"][t] for t in ("q_proj", "v_proj", "down_proj"))

@@ -176,3 +176,11 @@ def test_rank_too_large_for_a_layer(tiny_ckpt, cache):
     d, _ = tiny_ckpt
     with pytest.raises(ValueError, match="rank must be in"):
         prepare_model(d, rank=64, cache_dir=cache)  # k_proj is 32 x 64
+
+
+def test_summary_wording():
+    from qmilora.prepare import PrepareStats
+
+    assert "3 layers decomposed, kept in full precision" in PrepareStats(decomposed=3).summary()
+    line = PrepareStats(layers=5, decomposed=3, calibrated=5).summary()
+    assert "5 4-bit layers (3 decomposed, 2 quantized as-is, 5 calibrated)" in line
