@@ -68,7 +68,7 @@ def prepare_model(model: str | os.PathLike | PreTrainedModel, config: QMiLoRACon
     t0 = time.perf_counter()
     if isinstance(model, PreTrainedModel):
         refuse_quantized_model(model)
-        hessians = _calibrate(model, getattr(model, "name_or_path", ""), cfg)
+        hessians = _calibrate(lambda: model, getattr(model, "name_or_path", ""), cfg)
         state = model.state_dict()  # views of the model's own tensors, no copy
         base, factors, stats = _stream(model.config, state.items(), len(state), cfg, hessians)
         peft_model = _wrap(base, cfg, factors=factors)
@@ -111,13 +111,10 @@ def _prepare_checkpoint(source: str, cfg: QMiLoRAConfig) -> tuple[PeftModel, Pre
         log.info("qmilora: loading the prepared model from %s", cached)
         return load_prepared(cached, cfg), PrepareStats(from_cache=True)
 
-    hessians = None
-    if cfg.calibration_data is not None:  # the one step that needs the whole full-precision model, once
-        full = AutoModelForCausalLM.from_pretrained(directory, dtype=cfg.torch_compute_dtype,
-                                                    device_map={"": cfg.resolved_device})
-        hessians = _calibrate(full, directory, cfg)
-        del full
-        checkpoint.release_host_memory()
+    # calibration is the one step that needs the whole full-precision model, once, before streaming
+    hessians = _calibrate(lambda: AutoModelForCausalLM.from_pretrained(
+        directory, dtype=cfg.torch_compute_dtype, device_map={"": cfg.resolved_device}), directory, cfg)
+    checkpoint.release_host_memory()
     base, factors, stats = _stream(hf_config, checkpoint.iter_tensors(files), len(names), cfg, hessians)
     if not cfg.prepared_cache:
         return _wrap(base, cfg, factors=factors), stats
@@ -139,8 +136,9 @@ def load_prepared(directory: str, cfg: QMiLoRAConfig) -> PeftModel:
     return _wrap(base, cfg, adapter_dir=os.path.join(directory, ADAPTER_DIR))
 
 
-def _calibrate(model: PreTrainedModel, tokenizer_source: str, cfg: QMiLoRAConfig) -> dict[str, torch.Tensor] | None:
-    """Input Hessians of every linear layer but the head, on the calibration text (None without calibration)."""
+def _calibrate(load_model, tokenizer_source: str, cfg: QMiLoRAConfig) -> dict[str, torch.Tensor] | None:
+    """Input Hessians of every linear layer but the head of `load_model()`, on the calibration text (None without
+    calibration). The text is read first, so a bad file stops before any model loads."""
     if cfg.calibration_data is None:
         return None
     from transformers import AutoTokenizer
@@ -149,10 +147,12 @@ def _calibrate(model: PreTrainedModel, tokenizer_source: str, cfg: QMiLoRAConfig
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     except (OSError, ValueError) as e:
         raise QMiLoRAError(f"calibration needs the model's tokenizer, which {tokenizer_source!r} does not provide: {e}") from None
+    batches = calibrate.windows(cfg, tokenizer)
+    model = load_model()
     head = model.get_output_embeddings()
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
     t = time.perf_counter()
-    found = calibrate.hessians(model, names, calibrate.windows(cfg, tokenizer))
+    found = calibrate.hessians(model, names, batches)
     log.info("qmilora: calibration Hessians of %d layers in %.1fs", len(found), time.perf_counter() - t)
     return found
 
