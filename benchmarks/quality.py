@@ -235,7 +235,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tag", help="results file suffix (default: <model dir name>-<device>)")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a CPU shared with other jobs)")
+    p.add_argument("--combine", nargs="+", metavar="JSON", help="no training: pool the rows of earlier result files "
+                   "(e.g. seeds run in parallel processes or on several GPUs) into one summary, table and plot")
     args = p.parse_args()
+    if args.combine:
+        return combine(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     methods, seeds, sources = args.methods.split(","), [int(s) for s in args.seeds.split(",")], args.text.split(",")
@@ -261,12 +265,31 @@ def main() -> None:
             **{f"ppl_{s}": texts.perplexity(fp32, w) for s, w in windows.items()}, "seconds": time.perf_counter() - t0}
     del fp32
     print(f"base: {base}", flush=True)
+    settings = {k: getattr(args, k) for k in ("methods", "seeds", "steps", "rank", "lr", "batch", "seq", "train_rows",
+                                              "test_rows", "text", "windows", "model", "device", "threads")}
     rows = []
     for seed in seeds:
         for method in methods:
             rows.append(run(method, seed, args, train_set, tok, test, windows))
             print(json.dumps(rows[-1]), flush=True)
+            write(f"quality-{tag}", rows, {"settings": settings, "base": base, "complete": False})  # survives a kill
+    report(rows, base, sources, settings, tag)
 
+
+def combine(args) -> None:
+    parts = [json.load(open(f)) for f in args.combine]
+    settings = {k: v for k, v in parts[0]["settings"].items() if k != "seeds"}
+    for f, part in zip(args.combine, parts):
+        other = {k: v for k, v in part["settings"].items() if k != "seeds"}
+        if other != settings:
+            raise SystemExit(f"{f} was run with other settings: {other} != {settings}")
+    rows = [r for part in parts for r in part["rows"]]
+    settings["seeds"] = ",".join(sorted({str(r["seed"]) for r in rows}))
+    settings["combined_from"] = [os.path.basename(f) for f in args.combine]
+    report(rows, parts[0]["base"], settings["text"].split(","), settings, args.tag or "combined")
+
+
+def report(rows: list[dict], base: dict, sources: list[str], settings: dict, tag: str) -> None:
     summary = summarize(rows, base, sources)
     pm = lambda a, k: f"{a[k]:.3g} ± {a[k + '_std']:.2g}"  # noqa: E731
     shown = [{"method": a["method"], "task EM": pm(a, "em"),
@@ -276,9 +299,8 @@ def main() -> None:
     shown.insert(0, {"method": base["method"], "task EM": base["em"],
                      **{f"{s} ppl init": base[f"ppl_{s}"] for s in sources}})
     print(table(shown, list(shown[1])))  # the base row has no "after" columns
-    settings = {k: getattr(args, k) for k in ("methods", "seeds", "steps", "rank", "lr", "batch", "seq", "train_rows",
-                                              "test_rows", "text", "windows", "model", "device", "threads")}
-    print("wrote", write(f"quality-{tag}", rows, {"settings": settings, "base": base, "summary": summary}))
+    print("wrote", write(f"quality-{tag}", rows, {"settings": settings, "base": base, "summary": summary,
+                                                  "complete": True}))
     plot(summary, base, sources[0], os.path.join(RESULTS, f"quality-{tag}.png"))
 
 

@@ -53,3 +53,10 @@ def test_init_gap_runs(tmp_path, tiny_llm):
     errors = {r["variant"]: r for r in result["output_error_vs_qlora"]}
     # calibrated rounding lowers the calibration-weighted output error of every projection type
     assert all(errors["qmilora-cal"][t] < errors["qmilora"][t] for t in ("q_proj", "v_proj", "down_proj"))
+    # --combine pools result files (seeds run in parallel processes) without training
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "quality.py"), "--combine", str(tmp_path / "quality-t.json"),
+                          str(tmp_path / "quality-t.json"), "--tag", "both"], cwd=BENCH, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    both = json.load(open(tmp_path / "quality-both.json"))
+    assert len(both["rows"]) == 6 and [a["seeds"] for a in both["summary"]] == [2, 2, 2] and both["complete"]
