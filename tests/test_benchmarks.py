@@ -39,6 +39,13 @@ def test_quality_runs(tmp_path, tiny_llm):
     assert [a["method"] for a in result["summary"]] == ["qlora", "qmilora", "qpissa"]
     assert result["base"]["ppl_pydoc"] > 1 and result["machine"]["command"]
     assert "| qpissa |" in out.stdout and (tmp_path / "quality-t.png").is_file()
+    # --combine pools result files (seeds run in parallel processes) without training
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "quality.py"), "--combine", str(tmp_path / "quality-t.json"),
+                          str(tmp_path / "quality-t.json"), "--tag", "both"], cwd=BENCH, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    both = json.load(open(tmp_path / "quality-both.json"))
+    assert len(both["rows"]) == 6 and [a["seeds"] for a in both["summary"]] == [2, 2, 2] and both["complete"]
 
 
 def test_init_gap_runs(tmp_path, tiny_llm):
@@ -53,10 +60,4 @@ def test_init_gap_runs(tmp_path, tiny_llm):
     errors = {r["variant"]: r for r in result["output_error_vs_qlora"]}
     # calibrated rounding lowers the calibration-weighted output error of every projection type
     assert all(errors["qmilora-cal"][t] < errors["qmilora"][t] for t in ("q_proj", "v_proj", "down_proj"))
-    # --combine pools result files (seeds run in parallel processes) without training
-    out = subprocess.run([sys.executable, os.path.join(BENCH, "quality.py"), "--combine", str(tmp_path / "quality-t.json"),
-                          str(tmp_path / "quality-t.json"), "--tag", "both"], cwd=BENCH, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    both = json.load(open(tmp_path / "quality-both.json"))
-    assert len(both["rows"]) == 6 and [a["seeds"] for a in both["summary"]] == [2, 2, 2] and both["complete"]
+
