@@ -100,7 +100,7 @@ def main():
     evals = {s: texts.chunks(s, tok, count=args.windows, length=128) for s in sources}
 
     rows = [{"variant": "fp32" + (" (de-gridded)" if args.degrid else ""),
-             **{s: texts.perplexity(model, w) for s, w in evals.items()}}]
+             **{s: texts.perplexity(model, w, tok) for s, w in evals.items()}}]
     errors = collections.defaultdict(lambda: collections.defaultdict(float))
     for kind in args.variants.split(","):
         t = time.perf_counter()
@@ -111,7 +111,7 @@ def main():
             errors[kind][kind_of_layer] += calibrate.output_error(effective[n] - w, hessians[n])
         for n, m in layers.items():
             m.weight.data.copy_(effective[n].float())
-        rows.append({"variant": kind, **{s: texts.perplexity(model, w) for s, w in evals.items()},
+        rows.append({"variant": kind, **{s: texts.perplexity(model, w, tok) for s, w in evals.items()},
                      "seconds": round(time.perf_counter() - t, 1)})
         print(table(rows[-1:], ["variant", *sources, "seconds"]), flush=True)
     types = sorted(errors["qlora"]) if "qlora" in errors else []

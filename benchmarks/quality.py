@@ -157,7 +157,7 @@ def run(method: str, seed: int, args, train_set, tok, test: list[dict], windows:
     row = {"method": method, "seed": seed, "build_s": time.perf_counter() - t0,
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "base_4bit_layers": f"{sum(isinstance(b, bnb.nn.Linear4bit) for b in bases)}/{len(bases)}"}
-    row.update({f"ppl_{s}_init": texts.perplexity(model, w) for s, w in windows.items()})
+    row.update({f"ppl_{s}_init": texts.perplexity(model, w, tok) for s, w in windows.items()})
     cuda = torch.device(args.device).type == "cuda"
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
@@ -174,7 +174,7 @@ def run(method: str, seed: int, args, train_set, tok, test: list[dict], windows:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     row.update(train_loss=result.training_loss, final_loss=losses[-1] if losses else None)
     row["em"] = exact_match(model, tok, test)
-    row.update({f"ppl_{s}_after": texts.perplexity(model, w) for s, w in windows.items()})
+    row.update({f"ppl_{s}_after": texts.perplexity(model, w, tok) for s, w in windows.items()})
     row["seconds"] = time.perf_counter() - t0
     del trainer, model
     gc.collect()
@@ -262,7 +262,7 @@ def main() -> None:
     t0 = time.perf_counter()
     fp32 = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, device_map={"": args.device})
     base = {"method": "base (fp32)", "em": exact_match(fp32, tok, test),
-            **{f"ppl_{s}": texts.perplexity(fp32, w) for s, w in windows.items()}, "seconds": time.perf_counter() - t0}
+            **{f"ppl_{s}": texts.perplexity(fp32, w, tok) for s, w in windows.items()}, "seconds": time.perf_counter() - t0}
     del fp32
     print(f"base: {base}", flush=True)
     settings = {k: getattr(args, k) for k in ("methods", "seeds", "steps", "rank", "lr", "batch", "seq", "train_rows",

@@ -42,20 +42,11 @@ def chunks(source: str, tokenizer, *, count: int, length: int, offset: int = 0) 
     return out
 
 
-def perplexity(model, windows: list[list[int]], *, batch_size: int = 8) -> float:
-    """exp(mean next-token cross-entropy) over equal-length windows, in float32 whatever the model computes in."""
+def perplexity(model, windows: list[list[int]], tokenizer, *, batch_size: int = 8) -> float:
+    """exp(mean next-token cross-entropy) over the windows, with qmilora-eval's own loss (float32 logits)."""
     import math
 
-    import torch
+    from qmilora.cli.eval import mean_loss
 
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(windows), batch_size):
-            ids = torch.tensor(windows[i:i + batch_size], device=device)
-            logits = model(input_ids=ids).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                     ids[:, 1:].reshape(-1), reduction="sum")
-            total, count = total + loss.item(), count + ids[:, 1:].numel()
-    return math.exp(total / count)
+    rows = [{"input_ids": w, "attention_mask": [1] * len(w), "labels": w} for w in windows]
+    return math.exp(mean_loss(model, rows, tokenizer, batch_size))

@@ -47,7 +47,9 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
         w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), u[i1:i2, i1:i2]
         for j in range(i2 - i1):
             s = scale[:, i1 + j]
-            k = torch.bucketize((w1[:, j] / s).clamp(grid[0], grid[-1]), mids)
+            # an all-zero block has absmax 0: its elements can only be 0, whatever the error feedback asks
+            x = torch.where(s > 0, w1[:, j] / s.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+            k = torch.bucketize(x.clamp(grid[0], grid[-1]), mids)
             codes[:, i1 + j] = order[k]
             err = (w1[:, j] - grid[k] * s) / u1[j, j]
             w1[:, j:] -= err[:, None] * u1[j, j:][None, :]
@@ -121,9 +123,8 @@ def hessians(model: torch.nn.Module, targets: set[str], batches: list[list[int]]
         last[0] = None
         for h in handles:
             h.remove()
-    host = {}
-    for name, h in sums.items():  # shared tensors move once
-        host[name] = next((v for k, v in host.items() if sums[k] is h), None)
-        if host[name] is None:
-            host[name] = h.cpu()
-    return host
+    moved: dict[int, torch.Tensor] = {}  # shared sums move to the host once and stay shared
+    for h in sums.values():
+        if id(h) not in moved:
+            moved[id(h)] = h.cpu()
+    return {name: moved[id(h)] for name, h in sums.items()}

@@ -109,3 +109,13 @@ def test_calibration_config_errors(tmp_path, tiny_llm):
         QMiLoRAConfig(calibration_samples=0)
     with pytest.raises(qmilora.QMiLoRAError, match="does not exist"):
         prepare_model(tiny_llm, QMiLoRAConfig(rank=4, calibration_data=str(tmp_path / "none.jsonl"), cache_dir=str(tmp_path)))
+
+
+def test_all_zero_block_stays_zero():
+    w, h = correlated()
+    w[:, :64] = 0  # one all-zero block per row: absmax 0
+    cal = quantize.quantize_calibrated(w, h, quant_type="nf4", double_quant=False, **KW)
+    deq = quantize.dequantize(cal)
+    assert torch.isfinite(deq).all() and torch.equal(deq[:, :64], torch.zeros_like(deq[:, :64]))
+    assert calibrate.output_error(deq - w, h) < calibrate.output_error(quantize.dequantize(
+        quantize.quantize(w, quant_type="nf4", double_quant=False, **KW)) - w, h)
