@@ -92,8 +92,9 @@ def peak_mb(device: torch.device) -> float:
 def write(name: str, rows: list[dict], extra: dict | None = None) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # renamed into place: a run killed mid-write keeps the previous file
         json.dump({"machine": machine(), **(extra or {}), "rows": rows}, f, indent=2)
+    os.replace(path + ".tmp", path)
     return path
 
 

@@ -28,6 +28,7 @@ from qmilora.decompose import minor_split
 from qmilora.demo import demo_model_dir
 
 NF4 = dict(quant_type="nf4", blocksize=64, double_quant=True)
+VARIANTS = ("qlora", "qmilora", "qpissa", "dither", "randsub", "qlora-cal", "qmilora-cal", "qpissa-cal")
 
 
 def nf4(w, h=None):
@@ -75,13 +76,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="full-precision checkpoint directory (default: the demo SmolLM2-135M)")
     p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--variants", default="qlora,qmilora,qpissa,dither,randsub,qlora-cal,qmilora-cal,qpissa-cal")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--text", default=",".join(texts.SOURCES), help=f"perplexity sources, from {', '.join(texts.SOURCES)}")
     p.add_argument("--windows", type=int, default=60, help="eval windows of 128 tokens per text source")
     p.add_argument("--calibration_samples", type=int, default=64)
     p.add_argument("--degrid", action="store_true", help="control: break the demo's Q4_1 grid first")
     p.add_argument("--tag", default=None)
     args = p.parse_args()
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
     torch.set_grad_enabled(False)
     directory = args.model or demo_model_dir()
     tok = AutoTokenizer.from_pretrained(directory)

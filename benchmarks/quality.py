@@ -150,7 +150,7 @@ def run(method: str, seed: int, args, train_set, tok, test: list[dict], windows:
     model = METHODS[method](args.model, args.rank, seed, args.device)
     keep_training_layout(model)  # bitsandbytes' CPU inference repack would stop gradients after the eval below
     base = model.get_base_model()  # no activation checkpointing, the same for all (prepare_model turns it on):
-    (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()  # tf 4.x name
+    (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()  # older name before transformers 5
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable), f"{method}: trains {trainable[:3]}"
     bases = [m.get_base_layer() for m in model.modules() if isinstance(m, LoraLayer)]
