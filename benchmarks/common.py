@@ -140,8 +140,9 @@ def write_random_checkpoint(shape: str, directory: str, dtype=torch.bfloat16) ->
         skeleton = LlamaForCausalLM(config)
     os.makedirs(directory, exist_ok=True)
     config.save_pretrained(directory)
-    head = skeleton.get_output_embeddings()
-    linear = {f"{n}.weight" for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    from qmilora.prepare import linear_layers
+
+    linear = {f"{n}.weight" for n in linear_layers(skeleton)}
     g = torch.Generator().manual_seed(0)
     weight_map, shard, shard_bytes, index, total = {}, {}, 0, 0, 0
 

@@ -25,6 +25,7 @@ import texts
 from common import table, write
 from qmilora import QMiLoRAConfig, calibrate, quantize
 from qmilora.decompose import minor_split
+from qmilora.prepare import linear_layers
 from qmilora.demo import demo_model_dir
 
 NF4 = dict(quant_type="nf4", blocksize=64, double_quant=True)
@@ -90,8 +91,7 @@ def main():
     directory = args.model or demo_model_dir()
     tok = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    head = model.get_output_embeddings()
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    layers = linear_layers(model)
     g = torch.Generator().manual_seed(0)
     original = {n: m.weight.detach().double().clone() for n, m in layers.items()}
     if args.degrid:

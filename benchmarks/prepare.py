@@ -1,6 +1,7 @@
 """Whole-model preparation: QMiLoRA's streamed decompose-then-NF4 against the MiLoRA-official approach (load the
 whole half-precision model on the device, then SVD each target weight in place), same checkpoint, same run.
-Each approach runs in its own process, so its peak memory is its own.
+Each approach runs in its own process, so its peak memory is its own. `identity` times the source checkpoint's
+content hash alone (cold memo), to compare with a whole preparation (which computes it in a background thread).
 
     python benchmarks/prepare.py --shape small                 # CPU
     python benchmarks/prepare.py --shape llama2-13b            # CUDA, unchanged
@@ -34,12 +35,20 @@ def measure(method: str, directory: str, args) -> dict:
     device = torch.device(args.device)
     from qmilora import prepare_model
 
+    import tempfile
+
+    from qmilora import checkpoint
+
+    memo = tempfile.mkdtemp()  # a cold digest memo: every run hashes the whole checkpoint once
     reset_peak(device)
     t = time.perf_counter()
     if method == "official":
         official(directory, args.rank, device)
-    else:
-        prepare_model(directory, rank=args.rank, device=str(device), prepared_cache=False, svd_solver=method.split("-")[1])
+    elif method == "identity":  # the content hash alone, not overlapped with anything
+        checkpoint.identity(directory, checkpoint.shard_files(directory), checkpoint.DigestMemo(memo))
+    else:  # includes the content hash, which runs in a thread alongside the stream
+        prepare_model(directory, rank=args.rank, device=str(device), prepared_cache=False, cache_dir=memo,
+                      svd_solver=method.split("-")[1])
     if device.type == "cuda":
         torch.cuda.synchronize()
     row = {"method": method, "seconds": time.perf_counter() - t, "peak_mb": peak_mb(device)}
@@ -51,13 +60,18 @@ def measure(method: str, directory: str, args) -> dict:
 
 def main() -> None:
     p = comparison_parser(__doc__)
-    p.add_argument("--methods", nargs="+", default=["official", "qmilora-svd", "qmilora-auto"])
+    p.add_argument("--methods", nargs="+", default=["official", "qmilora-svd", "qmilora-auto", "identity"])
     args = p.parse_args()
     rows, size_gb = compare(__file__, args, args.methods, measure)
     base = rows[0]
     for r in rows:
         r["time_vs_first"], r["peak_vs_first"] = r["seconds"] / base["seconds"], r["peak_mb"] / base["peak_mb"]
     print(table(rows, list(rows[-1])))
+    by = {r["method"]: r for r in rows}
+    if "identity" in by and "qmilora-auto" in by:
+        share = by["identity"]["seconds"] / by["qmilora-auto"]["seconds"]
+        print(f"content identity (sha256 of every byte, cold memo) alone: {by['identity']['seconds']:.2f}s = "
+              f"{100 * share:.1f}% of a preparation; in prepare it runs in a thread beside the stream")
     print("wrote", write(f"prepare-{args.shape}-{torch.device(args.device).type}", rows,
                          {"settings": {"shape": args.shape, "rank": args.rank, "device": args.device,
                                        "checkpoint_gb": size_gb}}))

@@ -1,5 +1,5 @@
-"""Checkpoint I/O: locate a safetensors checkpoint, stream its tensors one at a time, fingerprint it,
-and write directories atomically (temporary name, then rename)."""
+"""Checkpoint I/O: locate a safetensors checkpoint, stream its tensors one at a time, identify it by its content,
+and write files and directories atomically (temporary name, then rename)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +12,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -30,6 +31,8 @@ def resolve(source: str) -> str:
     """A local checkpoint directory for `source` (a directory, or a Hub id downloaded to the HF cache)."""
     path = os.path.expanduser(source)
     if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise QMiLoRAError(f"{path} has no config.json: it is not a transformers checkpoint")
         return path
     if os.path.exists(path):
         raise QMiLoRAError(f"model {source!r} is a file; pass the checkpoint directory that holds config.json")
@@ -84,10 +87,25 @@ def shard_files(directory: str) -> list[str]:
 
 
 def read_header(path: str) -> dict:
-    """The safetensors JSON header (names, dtypes, shapes, offsets) without touching tensor data."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(length))
+    """The safetensors JSON header (names, dtypes, shapes, offsets) without touching tensor data; a file that is
+    empty, truncated or not safetensors is refused naming the file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8)) if size >= 8 else (-1,)
+            if not 0 < length <= size - 8:
+                raise ValueError("no safetensors header")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a mapping")
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except OSError as err:
+        raise QMiLoRAError(f"cannot read {path}: {err.strerror or err}") from None
+    except (ValueError, KeyError, TypeError, IndexError, struct.error):
+        raise QMiLoRAError(f"{path} is not a valid safetensors file (empty, truncated or corrupt header)") from None
+    if 8 + length + max(ends, default=0) > size:
+        raise QMiLoRAError(f"{path} is truncated: its header describes {8 + length + max(ends)} bytes, the file has {size}")
+    return header
 
 
 def tensor_names(files: list[str]) -> list[str]:
@@ -138,25 +156,141 @@ def peak_rss_gb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def fingerprint(directory: str, files: list[str], sample_bytes: int = 1 << 20) -> str:
-    """Identity of a checkpoint: sha256 over config.json and, per shard, its name, header (tensor names, dtypes,
-    shapes, offsets) and the first `sample_bytes` of tensor data.
+_CHUNK = 8 << 20
 
-    Cheap (1 MiB read per shard), survives copying and re-downloading, and tells apart two checkpoints of the
-    same architecture (their weights differ from the first bytes on).
-    """
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes (hashlib releases the GIL on each chunk, so this overlaps other work in a thread)."""
     h = hashlib.sha256()
-    config = os.path.join(directory, "config.json")
-    if os.path.isfile(config):
-        with open(config, "rb") as f:
-            h.update(f.read())
-    for path in files:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            h.update(os.path.basename(path).encode())
-            h.update(f.read(length))
-            h.update(f.read(sample_bytes))
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
     return h.hexdigest()
+
+
+class DigestMemo:
+    """File digests remembered by (real path, size, mtime, ctime, inode), so an unchanged file is hashed once.
+
+    Any write to a file changes its mtime and ctime (ctime cannot be set back by a user), so a memo hit means the
+    bytes are those that were hashed. One small JSON file per stat key under `directory`; None disables the memo.
+    """
+
+    def __init__(self, directory: str | None):
+        self.directory = directory
+
+    def _path(self, path: str) -> str | None:
+        if self.directory is None:
+            return None
+        st = os.stat(path)
+        key = f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}"
+        return os.path.join(self.directory, hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+
+    def get(self, path: str) -> str | None:
+        memo = self._path(path)
+        try:
+            with open(memo) as f:
+                return json.load(f)["sha256"]
+        except (TypeError, OSError, ValueError, KeyError):
+            return None
+
+    def put(self, path: str, digest: str) -> None:
+        memo = self._path(path)
+        if memo is None:
+            return
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            write_atomic(memo, json.dumps({"path": os.path.realpath(path), "sha256": digest}).encode())
+        except OSError:
+            pass  # a memo is an optimization: an unwritable cache only costs a rehash next time
+
+    def digest(self, path: str) -> str:
+        found = self.get(path)
+        if found is None:
+            found = file_digest(path)
+            self.put(path, found)
+        return found
+
+
+class SourceIdentity:
+    """The content identity of a checkpoint: sha256 over config.json and every shard's full bytes.
+
+    Any changed byte in any tensor gives another identity. Shards already hashed (same stat) come from the memo;
+    the others can be hashed in a background thread while the caller streams the same files (`start`), so the
+    first computation costs little wall time; `value()` waits for it.
+    """
+
+    def __init__(self, directory: str, files: list[str], memo: DigestMemo):
+        self.directory, self.files, self.memo = directory, list(files), memo
+        self._digests = {f: memo.get(f) for f in self.files}
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def known(self) -> str | None:
+        """The identity if every shard's digest is memoized, else None (nothing is read)."""
+        return self._combine() if all(self._digests.values()) else None
+
+    def start(self) -> "SourceIdentity":
+        missing = [f for f, d in self._digests.items() if d is None]
+        if missing and self._thread is None:
+            self._thread = threading.Thread(target=self._hash, args=(missing,), daemon=True, name="qmilora-hash")
+            self._thread.start()
+        return self
+
+    def _hash(self, files: list[str]) -> None:
+        try:
+            for f in files:
+                self._digests[f] = self.memo.digest(f)
+        except BaseException as err:  # re-raised in value(), on the caller's thread
+            self._error = err
+
+    def value(self) -> str:
+        self.start()
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise QMiLoRAError(f"could not read {self.directory} to identify it: {self._error}")
+        return self._combine()
+
+    def weak(self) -> str:
+        """config.json and the shard headers only: equal for two checkpoints that may hold the same content."""
+        h = hashlib.sha256(_config_bytes(self.directory))
+        for path in self.files:
+            h.update(os.path.basename(path).encode())
+            h.update(json.dumps(read_header(path), sort_keys=True).encode())
+        return h.hexdigest()
+
+    def _combine(self) -> str:
+        h = hashlib.sha256(_config_bytes(self.directory))
+        for path in sorted(self.files, key=os.path.basename):
+            h.update(os.path.basename(path).encode() + b"\0" + self._digests[path].encode())
+        return h.hexdigest()
+
+
+def _config_bytes(directory: str) -> bytes:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        return b""
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def identity(directory: str, files: list[str], memo: DigestMemo) -> str:
+    """The content identity of a checkpoint, computed now (memoized per unchanged shard)."""
+    return SourceIdentity(directory, files, memo).value()
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write a file under a temporary name beside it, then rename it into place."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def refuse_quantized_config(config) -> None:
@@ -176,21 +310,26 @@ def refuse_quantized_tensors(names: list[str]) -> None:
             "the minor singular components of a quantized weight are mostly quantization noise; use the original model")
 
 
+_TMP, _OLD = ".tmp-", ".old-"
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str, overwrite: bool = False):
     """Yield a temporary directory beside `target`; on success rename it to `target`, on error remove it.
 
-    A process killed midway leaves only a `.tmp-*` directory, never a half-written `target`.
+    A process killed midway leaves only a `.<name>.tmp-<pid>-*` directory, never a half-written `target`; the next
+    atomic write of the same target removes such leftovers of processes that are no longer running.
     """
     parent = os.path.dirname(os.path.abspath(target)) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    remove_stale_temporaries(parent, os.path.basename(target))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}{_TMP}{os.getpid()}-", dir=parent)
     try:
         yield tmp
         if os.path.exists(target):
             if not overwrite:
                 raise QMiLoRAError(f"{target} already exists")
-            old = tmp + ".old"
+            old = tempfile.mktemp(prefix=f".{os.path.basename(target)}{_OLD}{os.getpid()}-", dir=parent)
             os.rename(target, old)
             os.rename(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -199,3 +338,68 @@ def atomic_dir(target: str, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temporaries(parent: str, name: str | None = None) -> list[str]:
+    """Remove `.<name>.tmp-<pid>-*` / `.<name>.old-<pid>-*` entries in `parent` whose process has ended (a killed
+    run's half-written output: up to a whole merged model). Returns what was removed."""
+    removed = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.startswith("."):
+            continue
+        for mark in (_TMP, _OLD):
+            stem, found, rest = entry[1:].partition(mark)
+            pid = rest.split("-", 1)[0]
+            if found and pid.isdigit() and (name is None or stem == name) and not _alive(int(pid)):
+                path = os.path.join(parent, entry)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+                removed.append(entry)
+                break
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fresh_output(path: str, overwrite: bool, flag: str = "--overwrite") -> None:
+    """Refuse to write `path` where that would replace or delete what is there, unless `overwrite`."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise QMiLoRAError(f"output {path} is a file, not a directory")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise QMiLoRAError(f"output {path} exists and is not empty; pass {flag} to replace it")
+    check_writable(os.path.dirname(os.path.abspath(path)) or ".")
+
+
+def check_writable(directory: str) -> None:
+    """Fail now, not after an hour of SVDs, if `directory` (or its nearest existing parent) cannot be written."""
+    probe = os.path.abspath(directory)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise QMiLoRAError(f"{directory}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise QMiLoRAError(f"{directory}: {probe} is not writable")
+
+
+def check_free_space(directory: str, needed: int, what: str) -> None:
+    """Refuse to start writing `needed` bytes where the file system has less free."""
+    probe = os.path.abspath(directory)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise QMiLoRAError(f"not enough disk space for {what} in {probe}: needs {needed / 2**30:.2f} GB, "
+                           f"{free / 2**30:.2f} GB free")

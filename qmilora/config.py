@@ -5,6 +5,7 @@ transformers' HfArgumentParser), so the Python API and the command line cannot d
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -12,6 +13,7 @@ import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # bitsandbytes' 4-bit kernels support these block sizes on every backend.
+_SCALING_RANGE = (1e-4, 1e4)
 _BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -53,10 +55,15 @@ class QMiLoRAConfig:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         # None stays None (= rank): a copy with another rank then still means "alpha = rank"
         if self.lora_alpha is not None:
-            if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
-                raise ValueError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+            if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not (
+                    0 < self.lora_alpha < math.inf):
+                raise ValueError(f"lora_alpha must be a positive finite number, got {self.lora_alpha!r}")
             self.lora_alpha = float(self.lora_alpha)
-        if not 0.0 <= self.lora_dropout < 1.0:
+            # the factors are sqrt(sigma / s) in float32: outside this range they under- or overflow
+            if not _SCALING_RANGE[0] <= self.lora_alpha / self.rank <= _SCALING_RANGE[1]:
+                raise ValueError(f"lora_alpha / rank must be in [{_SCALING_RANGE[0]:g}, {_SCALING_RANGE[1]:g}] so the "
+                                 f"adapter factors stay representable, got {self.lora_alpha:g} / {self.rank}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         targets = [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)
         if not targets or not all(isinstance(t, str) and t for t in targets) or ("all-linear" in targets and len(targets) > 1):
@@ -83,6 +90,8 @@ class QMiLoRAConfig:
                     torch.device(value)
                 except (RuntimeError, TypeError):
                     raise ValueError(f"{name} must be 'auto' or a torch device such as cpu or cuda:0, got {value!r}") from None
+                if torch.device(value).type == "cuda" and not _cuda():
+                    raise ValueError(f"{name} {value!r} asks for CUDA, but torch sees no CUDA device here")
 
     @property
     def peft_target_modules(self) -> str | list[str]:

@@ -57,6 +57,8 @@ def load_rows(cfg: DataConfig):
             raise QMiLoRAError(f"data file {source}: unsupported extension {ext or '(none)'}; use one of {', '.join(_BUILDERS)}")
         if os.path.getsize(source) == 0:
             raise QMiLoRAError(f"data file {source} is empty")
+        if _BUILDERS[ext] in ("json", "csv", "text"):
+            _check_utf8(source)
         try:
             rows = datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train")
         except Exception as err:
@@ -69,6 +71,27 @@ def load_rows(cfg: DataConfig):
     if len(rows) == 0:
         raise QMiLoRAError(f"data {source} has no rows")
     return rows
+
+
+def _check_utf8(path: str) -> None:
+    """Text data must be UTF-8; say so naming the file and line (datasets fails later, naming neither)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                line += chunk[: err.start].count(b"\n")
+                raise QMiLoRAError(f"data file {path}, line {line}: not UTF-8 text ({err.reason} at byte "
+                                   f"{err.start}); save it as UTF-8") from None
+            line += chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise QMiLoRAError(f"data file {path}: not UTF-8 text (it ends inside a character); save it as UTF-8") from None
 
 
 def detect_format(columns: list[str], source: str) -> str:
@@ -97,7 +120,7 @@ def build_dataset(cfg: DataConfig, tokenizer):
     for i, row in enumerate(rows):
         try:
             examples.append(encode(row, fmt, tokenizer, cfg))
-        except ValueError as err:
+        except (ValueError, TypeError, AttributeError, KeyError) as err:  # a malformed row, whatever broke on it
             raise QMiLoRAError(f"data {source}, row {i + 1}: {err}") from None
     kept = [e for e in examples if any(label != IGNORE for label in e["labels"])]
     if not kept:
@@ -156,6 +179,9 @@ def _encode_chat(messages, tokenizer, cfg: DataConfig) -> dict:
     """Render with the chat template; label the assistant turns' tokens (located by prefix renders)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+               for m in messages):
+        raise ValueError("each message must be an object with string fields role and content")
     if not any(m.get("role") == "assistant" and str(m.get("content") or "").strip() for m in messages):
         raise ValueError("no response (no non-empty assistant message)")
     render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731

@@ -22,32 +22,28 @@ from safetensors.torch import load_file, save_file
 
 from . import checkpoint
 from .config import QMiLoRAError
+from .runfolder import ADAPTER_CONFIG, ADAPTER_FILE, INITIAL, RunFolder
 
-ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
 
 
-def read_run(adapter_dir: str) -> dict:
-    """qmilora.json of a qmilora-train output directory, checked for the files export needs."""
-    meta_path = os.path.join(adapter_dir, "qmilora.json")
-    if not os.path.isfile(meta_path):
-        raise QMiLoRAError(f"{adapter_dir} has no qmilora.json: not a qmilora-train output directory")
-    for rel in (ADAPTER_FILE, os.path.join("initial_adapter", ADAPTER_FILE)):
-        if not os.path.isfile(os.path.join(adapter_dir, rel)):
-            raise QMiLoRAError(f"{adapter_dir} lacks {rel}")
-    with open(meta_path) as f:
-        return json.load(f)
+def _source(adapter_dir: str, model: str | None) -> tuple[dict, str]:
+    """A finished run's record and its original checkpoint, verified by content."""
+    from .config import QMiLoRAConfig
+    from .train import verified_source
+
+    meta = RunFolder(adapter_dir).read_complete()
+    directory = verified_source(meta, model, QMiLoRAConfig(**meta["qmilora"]).resolved_cache_dir)
+    return meta, directory
 
 
-def source_dir(meta: dict, model: str | None) -> str:
-    """The original checkpoint, verified to be the one the adapter was trained on."""
-    directory = checkpoint.resolve(model or meta["source"]["path"])
-    files = checkpoint.shard_files(directory)
-    if checkpoint.fingerprint(directory, files) != meta["source"]["fingerprint"]:
-        raise QMiLoRAError(f"{directory} is not the checkpoint this adapter was trained on (its fingerprint differs); "
-                           "pass the original with --model")
-    return directory
+def _check_output(output: str, overwrite: bool, adapter_dir: str, model: str | None) -> None:
+    checkpoint.fresh_output(output, overwrite)
+    target = os.path.realpath(output)
+    for what, path in (("the run directory", adapter_dir), ("the original checkpoint", model)):
+        if path and os.path.exists(path) and target == os.path.realpath(path):
+            raise QMiLoRAError(f"--output {output} is {what}; write the export elsewhere")
 
 
 def lora_delta(trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,6 +52,8 @@ def lora_delta(trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor
         raise QMiLoRAError("the trained and initial adapters hold different layers")
     out = {}
     for name, value in trained.items():
+        if value.shape[1 - ("lora_A" in name)] != initial[name].shape[1 - ("lora_A" in name)]:
+            raise QMiLoRAError(f"the trained and initial adapters differ in shape at {name}")
         if "lora_A" in name:
             out[name] = torch.cat([value, initial[name]], dim=0).contiguous()
         elif "lora_B" in name:
@@ -66,10 +64,11 @@ def lora_delta(trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor
 
 
 def to_lora(adapter_dir: str, output: str, model: str | None = None, overwrite: bool = False) -> str:
-    meta = read_run(adapter_dir)
-    directory = source_dir(meta, model)
+    _check_output(output, overwrite, adapter_dir, model)
+    meta, directory = _source(adapter_dir, model)
+    _check_output(output, overwrite, adapter_dir, directory)
     state = lora_delta(load_file(os.path.join(adapter_dir, ADAPTER_FILE)),
-                       load_file(os.path.join(adapter_dir, "initial_adapter", ADAPTER_FILE)))
+                       load_file(os.path.join(adapter_dir, INITIAL, ADAPTER_FILE)))
     with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
         config = json.load(f)
     config.update(r=2 * config["r"], lora_alpha=2 * config["lora_alpha"], init_lora_weights=True,
@@ -84,13 +83,16 @@ def to_lora(adapter_dir: str, output: str, model: str | None = None, overwrite: 
 
 
 def to_merged(adapter_dir: str, output: str, model: str | None = None, overwrite: bool = False) -> str:
-    meta = read_run(adapter_dir)
-    directory = source_dir(meta, model)
+    _check_output(output, overwrite, adapter_dir, model)
+    meta, directory = _source(adapter_dir, model)
+    _check_output(output, overwrite, adapter_dir, directory)
     with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
         scaling = (cfg := json.load(f))["lora_alpha"] / cfg["r"]
     delta = _factors(load_file(os.path.join(adapter_dir, ADAPTER_FILE)),
-                     load_file(os.path.join(adapter_dir, "initial_adapter", ADAPTER_FILE)))
+                     load_file(os.path.join(adapter_dir, INITIAL, ADAPTER_FILE)))
     files = checkpoint.shard_files(directory)
+    checkpoint.check_free_space(os.path.dirname(os.path.abspath(output)), sum(map(os.path.getsize, files)),
+                                "the merged model")
     with _output(output, overwrite) as tmp:
         for path in files:  # one shard in memory at a time
             tensors = {}
@@ -128,9 +130,7 @@ def _factors(trained: dict, initial: dict) -> dict[str, tuple[tuple[torch.Tensor
 
 
 def _output(output: str, overwrite: bool):
-    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)) and not overwrite:
-        raise QMiLoRAError(f"output {output} exists and is not empty; pass --overwrite to replace it")
-    return checkpoint.atomic_dir(output, overwrite=True)
+    return checkpoint.atomic_dir(output, overwrite=True)  # fresh_output checked first that replacing is allowed
 
 
 def _copy_tokenizer(src: str, dst: str) -> None:

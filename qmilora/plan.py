@@ -35,30 +35,45 @@ class PlanConfig:
     fused_attention: bool = field(default=True, metadata={"help": "SDPA/flash attention (no T×T score matrices kept)."})
     gpu_memory: str = field(default="24GB", metadata={"help": "Card size to check the plan against, e.g. 24GB."})
 
+    def __post_init__(self) -> None:
+        from .config import QMiLoRAConfig
+
+        # the decomposition fields are validated where they are defined
+        qcfg = QMiLoRAConfig(rank=self.rank, target_modules=self.target_modules, double_quant=self.double_quant,
+                             blocksize=self.blocksize, compute_dtype="float32")
+        self.target_modules = qcfg.target_modules
+        for name in ("max_seq_length", "per_device_train_batch_size"):
+            if isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        parse_size(self.gpu_memory)
+
 
 def bytes_per_4bit_weight(blocksize: int, double_quant: bool) -> float:
     absmax = 1 / blocksize + 4 / (256 * blocksize) if double_quant else 4 / blocksize
     return 0.5 + absmax
 
 
-def count(hf_config, target_modules: list[str]) -> dict:
+def count(hf_config, target_modules: list[str], rank: int | None = None) -> dict:
     """Parameter counts of the model built on meta: 4-bit linear weights, other params, adapter (in+out) sums."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    from .prepare import check_rank, linear_layers, select_targets
+
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config)
-    head = model.get_output_embeddings()
+    layers = linear_layers(model)
+    targets = select_targets(model, target_modules, set(layers))
+    if rank is not None:
+        check_rank(model, targets, rank)
     linear, adapter, largest = 0, 0, (0, 0)
     quantized_ids = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module is head:
-            continue
+    for name, module in layers.items():
         linear += module.weight.numel()
         quantized_ids.add(id(module.weight))
         out_f, in_f = module.weight.shape
         largest = max(largest, (out_f, in_f), key=lambda s: s[0] * s[1])
-        if target_modules == ["all-linear"] or any(name == t or name.endswith("." + t) for t in target_modules):
+        if name in targets:
             adapter += in_f + out_f
     other = sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids)
     cfg = model.config
@@ -68,7 +83,7 @@ def count(hf_config, target_modules: list[str]) -> dict:
 
 
 def plan(cfg: PlanConfig, hf_config) -> dict:
-    c = count(hf_config, cfg.target_modules)
+    c = count(hf_config, cfg.target_modules, cfg.rank)
     weights = c["linear"] * bytes_per_4bit_weight(cfg.blocksize, cfg.double_quant) + c["other"] * 4
     adapter_params = cfg.rank * c["adapter_in_out"]
     optimizer_bytes = _OPTIMIZER_BYTES.get(cfg.optim, 8)
@@ -100,7 +115,10 @@ def parse_size(text: str) -> float:
     for unit, factor in units.items():
         if t.endswith(unit):
             try:
-                return float(t[: -len(unit)]) * factor
+                value = float(t[: -len(unit)]) * factor
             except ValueError:
                 break
+            if 0 < value < float("inf"):
+                return value
+            break
     raise ValueError(f"memory size must look like 24GB or 800MB, got {text!r}")

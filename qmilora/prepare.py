@@ -6,14 +6,12 @@ every other tensor is cast to the compute dtype. The full-precision model is nev
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from accelerate import init_empty_weights
@@ -24,12 +22,10 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 from transformers.quantizers import AutoHfQuantizer
 
-from . import calibrate, checkpoint, decompose, quantize
+from . import cache, calibrate, checkpoint, decompose, quantize
 from .config import QMiLoRAConfig, QMiLoRAError
 
 log = logging.getLogger("qmilora")
-CACHE_FORMAT = 1
-BASE_DIR, ADAPTER_DIR, META_FILE = "base", "initial_adapter", "qmilora.json"
 
 
 @dataclass
@@ -68,10 +64,12 @@ def prepare_model(model: str | os.PathLike | PreTrainedModel, config: QMiLoRACon
     t0 = time.perf_counter()
     if isinstance(model, PreTrainedModel):
         refuse_quantized_model(model)
+        skel = skeleton(model.config, cfg)
         hessians = _calibrate(lambda: model, getattr(model, "name_or_path", ""), cfg)
         state = model.state_dict()  # views of the model's own tensors, no copy
-        base, factors, stats = _stream(model.config, state.items(), len(state), cfg, hessians)
+        base, factors, stats = _stream(skel, state.items(), len(state), cfg, hessians)
         peft_model = _wrap(base, cfg, factors=factors)
+        peft_model.qmilora_source_identity = None  # an in-memory model has no checkpoint to identify
     elif isinstance(model, torch.nn.Module):
         raise QMiLoRAError(f"prepare_model takes a transformers PreTrainedModel or a checkpoint path, got {type(model).__name__}")
     else:
@@ -95,45 +93,70 @@ def refuse_quantized_model(model: torch.nn.Module) -> None:
 
 def _prepare_checkpoint(source: str, cfg: QMiLoRAConfig) -> tuple[PeftModel, PrepareStats]:
     directory = checkpoint.resolve(source)
-    if not os.path.isfile(os.path.join(directory, "config.json")):
-        raise QMiLoRAError(f"{directory} has no config.json: it is not a transformers checkpoint")
     hf_config = AutoConfig.from_pretrained(directory)
     checkpoint.refuse_quantized_config(hf_config)
     files = checkpoint.shard_files(directory)
     names = checkpoint.tensor_names(files)
     checkpoint.refuse_quantized_tensors(names)
+    skel = skeleton(hf_config, cfg)  # targets and rank checked before anything slow
 
-    identity = checkpoint.fingerprint(directory, files)
-    key = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "source": identity, "config": cfg.result_fields(),
-                                     "calibration": calibrate.identity(cfg)}, sort_keys=True).encode()).hexdigest()[:24]
-    cached = os.path.join(cfg.resolved_cache_dir, key)
-    if cfg.prepared_cache and os.path.isfile(os.path.join(cached, META_FILE)):
-        log.info("qmilora: loading the prepared model from %s", cached)
-        return load_prepared(cached, cfg), PrepareStats(from_cache=True)
+    root = cfg.resolved_cache_dir
+    source = checkpoint.SourceIdentity(directory, files, cache.memo(root))
+    entry_for = lambda identity: cache.Entry(root, cache.key(identity, recipe_of(cfg)))  # noqa: E731
+    if cfg.prepared_cache:
+        # A full hash is waited for only when an entry from a checkpoint with the same headers exists; otherwise no
+        # hit is possible, and the hash runs in the background while the same files are streamed below.
+        identity = source.known or (source.value() if cache.may_hold(root, source.weak()) else None)
+        entry = entry_for(identity) if identity else None
+        if entry is not None and entry.exists():
+            problem = entry.problem()
+            if problem is None:
+                log.info("qmilora: loading the prepared model from %s", entry.path)
+                model = load_prepared(entry, cfg)
+                model.qmilora_source_identity = identity
+                return model, PrepareStats(**{**entry.meta().get("stats", {}), "from_cache": True, "svd_seconds": 0.0})
+            log.warning("qmilora: the cached preparation %s is damaged (%s); preparing again", entry.path, problem)
+            entry.remove()
+    source.start()
 
     # calibration is the one step that needs the whole full-precision model, once, before streaming
     hessians = _calibrate(lambda: AutoModelForCausalLM.from_pretrained(
         directory, dtype=cfg.torch_compute_dtype, device_map={"": cfg.resolved_device}), directory, cfg)
     checkpoint.release_host_memory()
-    base, factors, stats = _stream(hf_config, checkpoint.iter_tensors(files), len(names), cfg, hessians)
+    base, factors, stats = _stream(skel, checkpoint.iter_tensors(files), len(names), cfg, hessians)
+    identity = source.value()
     if not cfg.prepared_cache:
-        return _wrap(base, cfg, factors=factors), stats
-    meta = {"format": CACHE_FORMAT, "source": os.path.abspath(directory), "source_fingerprint": identity,
-            "config": cfg.to_dict()}
-    with checkpoint.atomic_dir(cached, overwrite=True) as tmp:
-        base.save_pretrained(os.path.join(tmp, BASE_DIR))
         model = _wrap(base, cfg, factors=factors)
-        model.save_pretrained(os.path.join(tmp, ADAPTER_DIR))
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
+    else:
+        def save(base_dir: str, adapter_dir: str) -> None:
+            nonlocal model
+            base.save_pretrained(base_dir)  # before PEFT wraps (and so changes) its modules
+            model = _wrap(base, cfg, factors=factors)
+            model.save_pretrained(adapter_dir)
+
+        model = None
+        meta = {"source": os.path.abspath(directory), "source_identity": identity, "source_weak": source.weak(),
+                "config": cfg.to_dict(), "stats": {k: v for k, v in asdict(stats).items() if k != "from_cache"}}
+        expected = _bytes_of(base) + sum(a.nbytes + b.nbytes for a, b in factors.values())
+        entry_for(identity).write(save, meta, expected_bytes=expected)
+    model.qmilora_source_identity = identity
     return model, stats
 
 
-def load_prepared(directory: str, cfg: QMiLoRAConfig) -> PeftModel:
+def recipe_of(cfg: QMiLoRAConfig) -> dict:
+    """Everything that changes the prepared tensors besides the source: the cache key's and a run's recipe."""
+    return {**cfg.result_fields(), "calibration": calibrate.identity(cfg)}
+
+
+def _bytes_of(model: torch.nn.Module) -> int:
+    return sum(t.nbytes for t in model.state_dict().values())
+
+
+def load_prepared(entry: cache.Entry, cfg: QMiLoRAConfig) -> PeftModel:
     """Reload a cached prepared model (transformers' 4-bit format + PEFT adapter): no SVD, no quantization."""
-    base = AutoModelForCausalLM.from_pretrained(os.path.join(directory, BASE_DIR), device_map={"": cfg.resolved_device},
+    base = AutoModelForCausalLM.from_pretrained(entry.base, device_map={"": cfg.resolved_device},
                                                 dtype=cfg.torch_compute_dtype)
-    return _wrap(base, cfg, adapter_dir=os.path.join(directory, ADAPTER_DIR))
+    return _wrap(base, cfg, adapter_dir=entry.adapter)
 
 
 def _calibrate(load_model, tokenizer_source: str, cfg: QMiLoRAConfig) -> dict[str, torch.Tensor] | None:
@@ -149,19 +172,24 @@ def _calibrate(load_model, tokenizer_source: str, cfg: QMiLoRAConfig) -> dict[st
         raise QMiLoRAError(f"calibration needs the model's tokenizer, which {tokenizer_source!r} does not provide: {e}") from None
     batches = calibrate.windows(cfg, tokenizer)
     model = load_model()
-    head = model.get_output_embeddings()
-    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    names = set(linear_layers(model))
     t = time.perf_counter()
     found = calibrate.hessians(model, names, batches)
     log.info("qmilora: calibration Hessians of %d layers in %.1fs", len(found), time.perf_counter() - t)
     return found
 
 
-def _stream(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], total: int, cfg: QMiLoRAConfig,
-            hessians: dict[str, torch.Tensor] | None = None):
-    """Fill a 4-bit skeleton from (name, tensor) pairs. Returns (base model, {layer: (A, B)} on the host, stats).
-    With `hessians`, each 4-bit weight is rounded by `calibrate.gptq_codes` instead of to nearest."""
-    device, svd_device, dtype = cfg.resolved_device, cfg.resolved_svd_device, cfg.torch_compute_dtype
+@dataclass
+class Skeleton:
+    """The model on the meta device with transformers' 4-bit layers in place, and the layers to decompose
+    (rank already checked against each): resolved before any weight is read."""
+    model: PreTrainedModel
+    targets: set[str]
+    quantizer: object | None
+
+
+def skeleton(hf_config, cfg: QMiLoRAConfig) -> Skeleton:
+    dtype = cfg.torch_compute_dtype
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     quantizer = None
@@ -170,13 +198,23 @@ def _stream(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], total: int, 
                                         bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype)
         # transformers' own module replacement, so a reload from its 4-bit save format rebuilds the same layers.
         quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=True)
-        quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": device})
+        quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": cfg.resolved_device})
         candidates = {n for n, m in model.named_modules() if quantize.is_4bit_linear(m)}
     else:
-        head = model.get_output_embeddings()
-        candidates = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+        candidates = set(linear_layers(model))
     targets = select_targets(model, cfg.target_modules, candidates)
-    expected = set(model.state_dict())
+    check_rank(model, targets, cfg.rank)
+    return Skeleton(model, targets, quantizer)
+
+
+def _stream(skel: Skeleton, tensors: Iterable[tuple[str, torch.Tensor]], total: int, cfg: QMiLoRAConfig,
+            hessians: dict[str, torch.Tensor] | None = None):
+    """Fill a 4-bit skeleton from (name, tensor) pairs. Returns (base model, {layer: (A, B)} on the host, stats).
+    With `hessians`, each 4-bit weight is rounded by `calibrate.gptq_codes` instead of to nearest."""
+    device, svd_device, dtype = cfg.resolved_device, cfg.resolved_svd_device, cfg.torch_compute_dtype
+    model, targets, quantizer = skel.model, skel.targets, skel.quantizer
+    shapes = {n: t.shape for n, t in model.state_dict().items()}  # on meta, before any 4-bit packing
+    expected = set(shapes)
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     stats, unexpected = PrepareStats(), []
@@ -184,6 +222,12 @@ def _stream(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], total: int, 
         if name not in expected:
             unexpected.append(name)
             continue
+        if tuple(tensor.shape) != tuple(shapes[name]):
+            raise QMiLoRAError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, but config.json describes "
+                               f"{tuple(shapes[name])}: the weights and the config do not belong together")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise QMiLoRAError(f"checkpoint tensor {name} holds NaN or Inf values: refusing to prepare (and train on) "
+                               "a broken model")
         module_name, _, param_name = name.rpartition(".")
         is_weight = param_name == "weight"
         if not (is_weight and (module_name in targets or quantize.is_4bit_linear(model.get_submodule(module_name)))):
@@ -231,6 +275,12 @@ def _stream(hf_config, tensors: Iterable[tuple[str, torch.Tensor]], total: int, 
     return model, factors, stats
 
 
+def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """{name: layer} of every linear layer but the output head: what "all-linear" means (PEFT's rule too)."""
+    head = model.get_output_embeddings()
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+
+
 def select_targets(model: torch.nn.Module, target_modules: list[str], linear: set[str]) -> set[str]:
     """Names of the `linear` layers that get a minor adapter, with PEFT's matching rule (name or suffix)."""
     if target_modules == ["all-linear"]:
@@ -245,6 +295,17 @@ def select_targets(model: torch.nn.Module, target_modules: list[str], linear: se
             raise QMiLoRAError(f"target module {target!r} matches {sorted(hits - linear)[0]}, which is not a linear layer QMiLoRA can decompose")
         chosen |= hits
     return chosen
+
+
+def check_rank(model: torch.nn.Module, targets: set[str], rank: int) -> None:
+    """Every target must have min(out, in) > rank (the minor band must leave a principal part); checked before
+    any SVD, naming the first layer that is too small."""
+    for name in sorted(targets):
+        layer = model.get_submodule(name)
+        out_features, in_features = layer.out_features, layer.in_features
+        if rank >= min(out_features, in_features):
+            raise QMiLoRAError(f"rank {rank} is too large for {name} ({out_features}x{in_features}): it must be below "
+                               f"{min(out_features, in_features)}; lower --rank or leave that layer out of --target_modules")
 
 
 def _check_float(name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -1,36 +1,29 @@
-"""Finetuning on transformers' Trainer: defaults, outputs, resumable checkpoints, a run summary.
-
-Output directory:
-    adapter_config.json, adapter_model.safetensors   the trained adapter (PEFT format)
-    initial_adapter/                                 the minor factors at init (needed to export for the original base)
-    qmilora.json                                     every config, the source checkpoint's identity, versions, summary
-    tokenizer files, loss.png, checkpoint-N/         (a checkpoint counts only once it holds the `.complete` marker)
+"""Finetuning on transformers' Trainer: defaults, resumable checkpoints, a run summary. The output directory's
+layout and record belong to `runfolder`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from . import checkpoint
+from . import cache, checkpoint
 from .config import QMiLoRAConfig, QMiLoRAError
 from .data import DataConfig, build_dataset
+from .runfolder import ADAPTER_FILE, RunFolder
 
 log = logging.getLogger("qmilora")
-COMPLETE = ".complete"
 
 
 @dataclass
 class RunConfig:
     _argument_group_name = "model"
     model: str | None = field(default=None, metadata={"help": "Full-precision checkpoint directory or Hub id. Default: the bundled demo model SmolLM2-135M-Instruct.", "aliases": ["--model_name_or_path"]})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start a new run in an --output_dir that holds an earlier run's results, removing what that run wrote (never other files)."})
 
 
 def training_defaults() -> dict:
@@ -47,7 +40,8 @@ def training_defaults() -> dict:
 class _Progress(TrainerCallback):
     """Adds tokens/s to the logs and marks each checkpoint complete once Trainer has fully written it."""
 
-    def __init__(self):
+    def __init__(self, folder: RunFolder):
+        self.folder = folder
         self.start = time.perf_counter()
         self.tokens_at_start = None
 
@@ -61,113 +55,114 @@ class _Progress(TrainerCallback):
 
     def on_save(self, args, state, control, **kw):
         if state.is_world_process_zero:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(path):
-                open(os.path.join(path, COMPLETE), "w").close()
+            self.folder.mark_complete_checkpoint(state.global_step)
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint-N that was written to the end (a run killed mid-save leaves one without the marker)."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = [int(n.split("-")[1]) for n in os.listdir(output_dir)
-             if n.startswith("checkpoint-") and n.split("-")[1].isdigit()
-             and os.path.isfile(os.path.join(output_dir, n, COMPLETE))]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+class _Trainer(Trainer):
+    """transformers' Trainer, stopping at the first non-finite loss: its default NaN filter would log the running
+    mean instead and train on (exit 0, `train_loss 0.0`). Raised before the optimizer step, so the last complete
+    checkpoint stays the last good state."""
 
-
-def resolve_resume(value: str | None, output_dir: str) -> str | None:
-    if value in (None, "", "false", "False"):
-        return None
-    if value in ("true", "True", "last"):
-        found = last_complete_checkpoint(output_dir)
-        if found is None:
-            raise QMiLoRAError(f"--resume_from_checkpoint {value}: no complete checkpoint in {output_dir}")
-        return found
-    if not os.path.isfile(os.path.join(value, COMPLETE)):
-        raise QMiLoRAError(f"--resume_from_checkpoint {value}: not a complete qmilora checkpoint directory")
-    return value
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            last = RunFolder(self.args.output_dir).last_complete_checkpoint()
+            raise QMiLoRAError(f"the training loss became {loss.item()} at step {self.state.global_step + 1}; stopped "
+                               f"(last complete checkpoint: {last or 'none'}); lower --learning_rate or check the data")
+        return loss
 
 
 def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingArguments):
     """Prepare, train, and write the outputs; returns (trained PeftModel, run summary)."""
     from .demo import demo_model_dir
-    from .prepare import prepare_model
+    from .prepare import prepare_model, recipe_of
 
     source = run.model or demo_model_dir(qcfg.cache_dir)
     directory = checkpoint.resolve(source)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    files = checkpoint.shard_files(directory)
+    folder = RunFolder(args.output_dir)
+    resume = folder.resolve_resume(args.resume_from_checkpoint)
+    folder.claim(resume=resume is not None, overwrite=run.overwrite_output_dir)  # before any slow step
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as err:
+        raise QMiLoRAError(f"cannot load the tokenizer of {directory}: {str(err).strip().splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_set, eval_set, fmt = build_dataset(dcfg, tokenizer)  # bad data stops here, before the model loads
-    resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
     if eval_set is None and args.eval_strategy != "no":
         raise QMiLoRAError("evaluation was requested (--eval_strategy) but there is no eval split: set --val_size")
     if eval_set is not None and args.eval_strategy == "no":
         args.eval_strategy = "steps"
         args.eval_steps = args.eval_steps or args.logging_steps
+    recipe = recipe_of(qcfg)
+    if resume:
+        folder.check_resume(resume, checkpoint.identity(directory, files, cache.memo(qcfg.resolved_cache_dir)), recipe)
 
+    meta = {"source": {"model": run.model or "demo:SmolLM2-135M-Instruct", "path": os.path.abspath(directory),
+                       "identity": None}, "recipe": recipe, "qmilora": qcfg.to_dict(), "data": asdict(dcfg),
+            "training": args.to_dict(), "versions": _versions()}
+    folder.begin(meta, resume=resume is not None)
     model = prepare_model(directory, qcfg)
-    os.makedirs(args.output_dir, exist_ok=True)
-    initial = os.path.join(args.output_dir, "initial_adapter")
-    if not os.path.isdir(initial):
-        with checkpoint.atomic_dir(initial) as tmp:
-            model.save_pretrained(tmp)
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8),
-                      processing_class=tokenizer, callbacks=[_Progress()])
+    meta["source"]["identity"] = model.qmilora_source_identity
+    folder.write_initial(model)
+    folder.update(source=meta["source"], state="training")
+    progress = _Progress(folder)
+    trainer = _Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                       data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8),
+                       processing_class=tokenizer, callbacks=[progress])
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - t0
 
-    summary = {"steps": trainer.state.global_step, "tokens": int(trainer.state.num_input_tokens_seen),
-               "wall_seconds": round(wall, 2), "train_loss": result.training_loss,
-               "tokens_per_second": round(trainer.state.num_input_tokens_seen / max(wall, 1e-9), 1),
+    tokens = int(trainer.state.num_input_tokens_seen)
+    summary = {"steps": trainer.state.global_step, "tokens": tokens, "wall_seconds": round(wall, 2),
+               "train_loss": result.training_loss, "resumed_from": resume,
+               # this session's tokens over this session's time (a resumed run did the rest earlier)
+               "tokens_per_second": round((tokens - (progress.tokens_at_start or 0)) / max(wall, 1e-9), 1),
                "peak_memory_gb": round(_peak_gb(args), 3), "data_format": fmt, "train_rows": len(train_set),
                "eval_rows": len(eval_set) if eval_set is not None else 0}
     if eval_set is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
-    _write_outputs(model, tokenizer, trainer, args.output_dir, directory, run, qcfg, dcfg, args, summary)
+
+    def write_files(tmp):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _plot_loss(trainer.state.log_history, os.path.join(tmp, "loss.png"))
+
+    folder.finish(write_files, {**meta, "summary": summary})
     return model, summary
 
 
 def load_trained(output_dir: str, **overrides):
     """The trained model of a qmilora-train output dir: the prepared base (from the cache, or prepared again,
-    deterministically) with the trained adapter weights loaded by PEFT."""
+    deterministically, from the verified original checkpoint) with the trained adapter weights loaded by PEFT."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from .prepare import prepare_model
 
-    path = os.path.join(output_dir, "qmilora.json")
-    if not os.path.isfile(path):
-        raise QMiLoRAError(f"{output_dir} has no qmilora.json: it is not a qmilora-train output directory")
-    with open(path) as f:
-        meta = json.load(f)
-    model = prepare_model(meta["source"]["path"], QMiLoRAConfig(**{**meta["qmilora"], **overrides}))
-    set_peft_model_state_dict(model, load_file(os.path.join(output_dir, "adapter_model.safetensors")))
+    folder = RunFolder(output_dir)
+    meta = folder.read_complete()
+    qcfg = QMiLoRAConfig(**{**meta["qmilora"], **overrides})
+    directory = verified_source(meta, None, qcfg.resolved_cache_dir)
+    model = prepare_model(directory, qcfg)
+    report = set_peft_model_state_dict(model, load_file(os.path.join(output_dir, ADAPTER_FILE)))
+    missing = [k for k in report.missing_keys if "lora_" in k]
+    if report.unexpected_keys or missing:
+        raise QMiLoRAError(f"the adapter in {output_dir} does not fit the prepared model (e.g. "
+                           f"{(report.unexpected_keys or missing)[0]})")
     return model
 
 
-def _write_outputs(model, tokenizer, trainer, out, directory, run, qcfg, dcfg, args, summary) -> None:
-    """Each file lands under a temporary name first, then is renamed into place."""
-    with tempfile.TemporaryDirectory(dir=out, prefix=".final-") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _plot_loss(trainer.state.log_history, os.path.join(tmp, "loss.png"))
-        files = checkpoint.shard_files(directory)
-        meta = {"source": {"model": run.model or "demo:SmolLM2-135M-Instruct", "path": os.path.abspath(directory),
-                           "fingerprint": checkpoint.fingerprint(directory, files)},
-                "qmilora": qcfg.to_dict(), "data": asdict(dcfg), "training": args.to_dict(), "summary": summary,
-                "versions": _versions()}
-        with open(os.path.join(tmp, "qmilora.json"), "w") as f:
-            json.dump(meta, f, indent=2, default=str)
-        # qmilora.json goes last: its presence (what export/eval check) implies the adapter beside it is final
-        for name in sorted(os.listdir(tmp), key=lambda n: n == "qmilora.json"):
-            dest = os.path.join(out, name)
-            if os.path.isdir(dest):
-                shutil.rmtree(dest)
-            os.replace(os.path.join(tmp, name), dest)
+def verified_source(meta: dict, model: str | None, cache_dir: str) -> str:
+    """The original checkpoint of a run, verified by content to be the one the adapter was trained on."""
+    directory = checkpoint.resolve(model or meta["source"]["path"])
+    files = checkpoint.shard_files(directory)
+    if checkpoint.identity(directory, files, cache.memo(cache_dir)) != meta["source"]["identity"]:
+        raise QMiLoRAError(f"{directory} is not the checkpoint this adapter was trained on (its content differs); "
+                           "pass the original with --model")
+    return directory
 
 
 def _plot_loss(history: list[dict], path: str) -> None:

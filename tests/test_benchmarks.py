@@ -6,12 +6,14 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses that each import the stack again
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
 @pytest.mark.parametrize("script, args, rows", [
     ("train.py", ["--shape", "tiny", "--seq", "32", "--steps", "2", "--warmup", "1", "--rank", "8"], 3),
-    ("prepare.py", ["--shape", "tiny", "--rank", "8"], 3),
+    ("prepare.py", ["--shape", "tiny", "--rank", "8"], 4),
     ("decompose.py", ["--shapes", "96x64", "--rank", "8", "--repeat", "1", "--model", "128,256,2"], 1),
 ])
 def test_benchmark_runs(tmp_path, script, args, rows):
@@ -22,6 +24,8 @@ def test_benchmark_runs(tmp_path, script, args, rows):
     (result,) = [json.load(open(tmp_path / f)) for f in os.listdir(tmp_path)]
     assert len(result["rows"]) == rows and result["machine"]["torch"] and result["machine"]["command"]
     assert "| " in out.stdout  # the markdown table
+    if script == "prepare.py":
+        assert "content identity" in out.stdout
 
 
 def test_quality_runs(tmp_path, tiny_llm):

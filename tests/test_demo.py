@@ -10,6 +10,8 @@ import torch
 from qmilora.cli.train import main
 from qmilora.demo import demo_model_dir
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo_cache(tmp_path_factory):

@@ -98,7 +98,7 @@ def test_export_refuses_bad_inputs(trained, tmp_path, capsys):
     (full / "x").write_text("keep me")
     cases = [
         (["--adapter", str(tmp_path), "--output", str(tmp_path / "o")], "no qmilora.json"),
-        (["--adapter", trained, "--model", str(other), "--output", str(tmp_path / "o")], "fingerprint differs"),
+        (["--adapter", trained, "--model", str(other), "--output", str(tmp_path / "o")], "content differs"),
         (["--adapter", trained, "--output", str(full)], "exists and is not empty"),
         (["--adapter", trained, "--output", str(tmp_path / "o"), "--to", "gguf"], "invalid choice"),
     ]
@@ -127,11 +127,39 @@ def test_interrupted_export_leaves_no_output(trained, tmp_path, monkeypatch):
 
 
 def test_generate_and_eval(trained, tmp_path, capsys):
-    assert generate_main(["--adapter", trained, "--prompt", "What is 3 + 4?", "--max_new_tokens", "5"]) == 0
-    assert capsys.readouterr().out.strip() != ""
+    from transformers import AutoTokenizer
+
+    from qmilora.train import load_trained
+
+    tok = AutoTokenizer.from_pretrained(trained)
+    model = load_trained(trained, lora_dropout=0.0).eval()
+    prompt = "What is 3 + 4?"
+    # greedy decoding by hand, from the trained model's logits: what qmilora-generate must print
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    n = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(5):
+            nxt = model(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], 1)
+            if nxt == tok.eos_token_id:
+                break
+    expected = tok.decode(ids[0, n:], skip_special_tokens=True).strip()
+    capsys.readouterr()
+    assert generate_main(["--adapter", trained, "--prompt", prompt, "--max_new_tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() == expected
+
     data = tmp_path / "held.jsonl"
     data.write_text(json.dumps({"instruction": "What is 3 + 4?", "output": "3 + 4 = 7."}) + "\n")
     assert eval_main(["--adapter", trained, "--data", str(data)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["examples"] == 1 and result["loss"] > 0 and result["base_loss"] > 0
     assert result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)
+    # the same example's loss from transformers' own loss (mean over labelled tokens), independently of mean_loss
+    from qmilora.data import DataConfig, build_dataset
+
+    meta = json.load(open(os.path.join(trained, "qmilora.json")))
+    rows, _, _ = build_dataset(DataConfig(**{**meta["data"], "data": str(data), "val_size": 0.0, "packing": False}), tok)
+    row = {k: torch.tensor([v]) for k, v in rows[0].items() if k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        assert result["loss"] == pytest.approx(model(**row).loss.item(), rel=1e-4)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # 24 layers of width 512: 320 MB in fp32, written as ~20 MB shards. The fixed overhead (one mapped shard, one
 # layer's SVD workspace, the 4-bit model itself) must stay well below what holding the model would cost.
@@ -28,6 +30,8 @@ PROBE = textwrap.dedent("""
     prepare_model(sys.argv[1], rank=8, prepared_cache=False)
     print(json.dumps({"base_mb": base, "peak_mb": status("VmHWM")}))
 """)
+
+pytestmark = pytest.mark.slow
 
 
 def run(script, *args):

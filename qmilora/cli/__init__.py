@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -11,25 +12,50 @@ from ..config import QMiLoRAError
 
 
 def run(prog: str, body: Callable[[], None]) -> int:
+    """Run a command's body; every failure is one line on stderr and a non-zero exit (the traceback of an
+    unexpected one with QMILORA_DEBUG=1)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         body()
     except (QMiLoRAError, ValueError, FileNotFoundError) as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        _error(prog, err)
         return 1
     except torch.OutOfMemoryError:
-        print(f"{prog}: error: out of memory; lower --per_device_train_batch_size or --max_seq_length, "
-              "or raise --gradient_accumulation_steps", file=sys.stderr)
+        _error(prog, "out of memory; lower --per_device_train_batch_size or --max_seq_length, or raise "
+                     "--gradient_accumulation_steps")
+        return 1
+    except KeyboardInterrupt:
+        _error(prog, "interrupted; files written so far are complete (a run resumes from its last complete "
+                     "checkpoint with --resume_from_checkpoint true)")
+        return 130
+    except Exception as err:
+        if os.environ.get("QMILORA_DEBUG"):
+            raise
+        _error(prog, f"unexpected {type(err).__name__}: {err} (set QMILORA_DEBUG=1 for the traceback)")
         return 1
     return 0
+
+
+def _error(prog: str, message) -> None:
+    text = " ".join(str(message).split()) or "(no message)"  # one line, whatever the exception carried
+    print(f"{prog}: error: {text}", file=sys.stderr)
 
 
 def parse_flags(prog: str, groups: tuple, argv: list[str], description: str | None = None):
     """Parse `argv` into one instance per dataclass in `groups`; unknown flags are an error."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(groups, prog=prog, description=description)
+    parser = one_line_errors(HfArgumentParser(groups, prog=prog, description=description))
     *parsed, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if rest:
         raise QMiLoRAError(f"unrecognized arguments: {' '.join(rest)}")
     return parsed[: len(groups)]
+
+
+def one_line_errors(parser):
+    """argparse prints its usage block before an error; make a bad flag one line like every other error."""
+    def error(message):
+        raise QMiLoRAError(f"{message} (see --help)")
+
+    parser.error = error
+    return parser

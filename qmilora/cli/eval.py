@@ -41,10 +41,10 @@ def evaluate(args: EvalArgs) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..data import DataConfig, build_dataset
-    from ..export import read_run
+    from ..runfolder import RunFolder
     from ..train import load_trained
 
-    meta = read_run(args.adapter)
+    meta = RunFolder(args.adapter).read_complete()
     tokenizer = AutoTokenizer.from_pretrained(args.adapter)
     data_cfg = {**meta["data"], "data": args.data, "val_size": 0.0, "packing": False}
     rows, _, _ = build_dataset(DataConfig(**data_cfg), tokenizer)

@@ -19,8 +19,10 @@ def generate(args: GenerateArgs) -> str:
     import torch
     from transformers import AutoTokenizer
 
+    from ..runfolder import RunFolder
     from ..train import load_trained
 
+    RunFolder(args.adapter).read_complete()  # a clear error before any loading
     tokenizer = AutoTokenizer.from_pretrained(args.adapter)
     model = load_trained(args.adapter, lora_dropout=0.0).eval()
     if tokenizer.chat_template:

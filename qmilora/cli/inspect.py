@@ -17,16 +17,25 @@ class InspectArgs:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "As for qmilora-train."})
     output: str = field(default="qmilora-inspect", metadata={"help": "Directory for report.json and spectra.png."})
     cache_dir: str | None = field(default=None, metadata={"help": "qmilora cache (for the demo model)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace the contents of a non-empty --output directory."})
+
+    def __post_init__(self) -> None:
+        from ..config import QMiLoRAConfig
+
+        self.target_modules = QMiLoRAConfig(rank=self.rank, target_modules=self.target_modules,
+                                            compute_dtype="float32").target_modules
 
 
 def inspect_checkpoint(args: InspectArgs) -> dict:
     import torch
     from accelerate import init_empty_weights
+    from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .. import checkpoint
+    from ..config import QMiLoRAError
     from ..demo import demo_model_dir
-    from ..prepare import select_targets
+    from ..prepare import check_rank, linear_layers, select_targets
     from ..spectrum import inspect_weight
 
     directory = checkpoint.resolve(args.model or demo_model_dir(args.cache_dir))
@@ -34,14 +43,21 @@ def inspect_checkpoint(args: InspectArgs) -> dict:
     checkpoint.refuse_quantized_config(hf_config)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(hf_config)
-    head = skeleton.get_output_embeddings()
-    linear = {n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
-    targets = select_targets(skeleton, args.target_modules, linear)
+    targets = select_targets(skeleton, args.target_modules, set(linear_layers(skeleton)))
+    check_rank(skeleton, targets, args.rank)
+    files = checkpoint.shard_files(directory)
     rows = []
-    for name, tensor in checkpoint.iter_tensors(checkpoint.shard_files(directory)):
+    progress = tqdm(total=len(targets), desc="qmilora-inspect", unit="weight")
+    for name, tensor in checkpoint.iter_tensors(files):
         layer = name.removesuffix(".weight")
         if name.endswith(".weight") and layer in targets:
+            if not torch.isfinite(tensor).all():
+                raise QMiLoRAError(f"checkpoint tensor {name} holds NaN or Inf values")
             rows.append({"layer": layer, **inspect_weight(tensor.float(), args.rank)})
+            progress.update()
+    progress.close()
+    if not rows:
+        raise QMiLoRAError(f"{directory} holds none of the target weights")
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
     summary = {"weights": len(rows), "rank": args.rank, **{k: mean(k) for k in (
         "minor_energy", "nf4_error_qlora", "nf4_error_qmilora", "nf4_error_qpissa", "minor_error_share", "isotropic_share")}}
@@ -86,9 +102,10 @@ def plot(report: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     def body():
-        from ..checkpoint import atomic_dir
+        from ..checkpoint import atomic_dir, fresh_output
 
         (args,) = parse_flags("qmilora-inspect", (InspectArgs,), sys.argv[1:] if argv is None else argv, __doc__)
+        fresh_output(args.output, args.overwrite)  # before the slow part
         report = inspect_checkpoint(args)
         with atomic_dir(args.output, overwrite=True) as tmp:
             with open(os.path.join(tmp, "report.json"), "w") as f:

@@ -6,7 +6,7 @@ import sys
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from . import run as run_cli
+from . import one_line_errors, run as run_cli
 from ..config import QMiLoRAConfig, QMiLoRAError
 from ..data import DataConfig
 from ..train import RunConfig, train, training_defaults
@@ -15,7 +15,7 @@ GROUPS = (RunConfig, QMiLoRAConfig, DataConfig, TrainingArguments)
 
 
 def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(GROUPS, prog="qmilora-train", description=__doc__)
+    parser = one_line_errors(HfArgumentParser(GROUPS, prog="qmilora-train", description=__doc__))
     parser.add_argument("--config", help="YAML file of flag values; flags given on the command line override it")
     parser.set_defaults(**training_defaults())
     # TrainingArguments requires output_dir; keep the conventional --output_dir while giving a readable default.

@@ -1,0 +1,5 @@
+import sys
+
+from qmilora.cli.main import main
+
+sys.exit(main())

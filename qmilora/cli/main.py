@@ -1,0 +1,33 @@
+"""qmilora <verb>: one entry point for every command (the qmilora-<verb> scripts are aliases).
+
+    qmilora train    finetune (MiLoRA factors on an NF4 residual)
+    qmilora export   rank-2r LoRA for the original base, or merged full-precision weights
+    qmilora generate answer a prompt with a trained run
+    qmilora eval     loss / perplexity of a trained run on held-out data
+    qmilora plan     memory plan from config.json alone
+    qmilora inspect  spectrum and 4-bit error per weight
+
+`qmilora <verb> --help` lists that verb's flags. `python -m qmilora <verb>` works too (e.g. under torchrun).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+VERBS = ("train", "export", "generate", "eval", "plan", "inspect")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"qmilora: error: unknown command {verb!r}; choose one of {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    return importlib.import_module(f"qmilora.cli.{verb}").main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Regression tests for the ways a run could silently give a wrong model or lose a user's file (issue 13)."""
+import json
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qmilora import checkpoint, prepare_model
+from qmilora.cache import Entry
+from qmilora.cli.export import main as export_main
+from qmilora.cli.inspect import main as inspect_main
+from qmilora.cli.train import main as train_main
+from qmilora.config import QMiLoRAConfig, QMiLoRAError
+
+from conftest import save_tiny
+
+
+def shards(d):
+    return sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors"))
+
+
+def last_block_changed(src, dst):
+    """A copy of checkpoint `src` whose only change is one weight of the last block (the first MiB is the same)."""
+    shutil.copytree(src, dst)
+    for path in shards(dst):
+        sd = load_file(path)
+        if "model.layers.1.mlp.down_proj.weight" in sd:
+            sd["model.layers.1.mlp.down_proj.weight"][0, 0] += 1.0
+            save_file(sd, path, metadata={"format": "pt"})
+            return str(dst)
+    raise AssertionError("weight not found")
+
+
+def test_identity_covers_every_byte_and_is_memoized(tiny_ckpt, tmp_path, monkeypatch):
+    d, _ = tiny_ckpt
+    memo = checkpoint.DigestMemo(str(tmp_path / "memo"))
+    first = checkpoint.identity(d, checkpoint.shard_files(d), memo)
+    other = last_block_changed(d, tmp_path / "other")
+    assert checkpoint.identity(other, checkpoint.shard_files(other), memo) != first
+    # one flipped byte deep inside the last shard, same size: another identity, though the memo had the file
+    copy = tmp_path / "copy"
+    shutil.copytree(d, copy)
+    files = checkpoint.shard_files(str(copy))
+    same = checkpoint.identity(str(copy), files, memo)
+    assert same == first
+    with open(files[-1], "r+b") as f:
+        f.seek(os.path.getsize(files[-1]) - 3)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    assert checkpoint.identity(str(copy), files, memo) != first
+    # a rerun on unchanged files reads no tensor data
+    monkeypatch.setattr(checkpoint, "file_digest", lambda p: pytest.fail(f"re-hashed {p}"))
+    assert checkpoint.identity(d, checkpoint.shard_files(d), memo) == first
+
+
+def test_checkpoints_differing_in_one_block_get_their_own_cache_entry(tiny_ckpt, tmp_path, cache):
+    d, _ = tiny_ckpt
+    other = last_block_changed(d, tmp_path / "other")
+    a = prepare_model(d, rank=4, cache_dir=cache)
+    b = prepare_model(other, rank=4, cache_dir=cache)
+    assert not b.qmilora_stats.from_cache and b.qmilora_source_identity != a.qmilora_source_identity
+    again = prepare_model(other, rank=4, cache_dir=cache)
+    assert again.qmilora_stats.from_cache and again.qmilora_stats.layers == 14  # the stored statistics come back
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, b(input_ids=ids).logits)
+        assert not torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("damage", ["random_bytes", "truncate", "delete_meta_files"])
+def test_damaged_cache_entry_is_rebuilt(tiny_ckpt, cache, damage, caplog):
+    d, _ = tiny_ckpt
+    ref = prepare_model(d, rank=4, cache_dir=cache)
+    (entry,) = [e for e in os.listdir(cache) if e != "digests"]
+    path = os.path.join(cache, entry, "base", "model.safetensors")
+    size = os.path.getsize(path)
+    if damage == "random_bytes":  # same size: only the checksum can tell
+        with open(path, "r+b") as f:
+            f.seek(size // 2)
+            f.write(os.urandom(64))
+    elif damage == "truncate":
+        os.truncate(path, size // 2)
+    else:
+        os.remove(os.path.join(cache, entry, "initial_adapter", "adapter_model.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="qmilora"):
+        again = prepare_model(d, rank=4, cache_dir=cache)
+    assert not again.qmilora_stats.from_cache and again.qmilora_stats.decomposed == 14
+    assert any("damaged" in r.getMessage() for r in caplog.records)
+    assert Entry(cache, entry).problem() is None  # rebuilt in place, verified
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, ref(input_ids=ids).logits)
+    assert prepare_model(d, rank=4, cache_dir=cache).qmilora_stats.from_cache
+
+
+def test_non_finite_checkpoint_tensors_are_refused(tmp_path, cache):
+    for name in ("model.norm.weight", "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"):
+        d = tmp_path / name
+        save_tiny(d, shard="10GB")
+        sd = load_file(d / "model.safetensors")
+        sd[name].view(-1)[3] = float("nan") if "proj" not in name else float("inf")
+        save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(QMiLoRAError, match=f"tensor {name} holds NaN or Inf"):
+            prepare_model(str(d), rank=2, cache_dir=cache)
+
+
+@pytest.mark.parametrize("alpha", [float("inf"), float("nan"), 1e300, -1.0, 0.0])
+def test_alpha_must_be_finite_and_sane(alpha):
+    with pytest.raises(ValueError, match="lora_alpha"):
+        QMiLoRAConfig(rank=4, lora_alpha=alpha)
+
+
+def argv(model, out, cache, *extra):
+    return ["--model", model, "--output_dir", str(out), "--cache_dir", cache, "--rank", "4", "--max_steps", "2",
+            "--max_seq_length", "48", "--disable_tqdm", "true", "--save_steps", "1", "--logging_steps", "1", *extra]
+
+
+def one_line_error(capsys, prog="qmilora-train"):
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith(prog)]
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error:"), err
+    return err[0]
+
+
+def test_run_folder_is_never_stale_and_never_overwrites_user_files(tiny_llm, tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    assert train_main(argv(tiny_llm, out, cache)) == 0
+    # a user's folder: refused, README.md untouched
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "README.md").write_text("my notes")
+    assert train_main(argv(tiny_llm, user, cache)) == 1
+    assert "holds no qmilora run" in one_line_error(capsys)
+    assert (user / "README.md").read_text() == "my notes" and sorted(os.listdir(user)) == ["README.md"]
+    # another model, or another rank, cannot silently continue this run
+    other = last_block_changed(tiny_llm, tmp_path / "other_model")
+    assert train_main(argv(other, out, cache, "--resume_from_checkpoint", "true")) == 1
+    assert "trained on another model" in one_line_error(capsys)
+    assert train_main(argv(tiny_llm, out, cache, "--rank", "2", "--resume_from_checkpoint", "true")) == 1
+    assert "trained with lora_alpha=4.0, rank=4; this run has lora_alpha=2.0, rank=2" in one_line_error(capsys)
+    # a new run over results needs --overwrite_output_dir; then nothing of the old run survives
+    assert train_main(argv(other, out, cache, "--rank", "2")) == 1
+    assert "earlier run's results" in one_line_error(capsys)
+    (out / "notes.txt").write_text("keep")
+    assert train_main(argv(other, out, cache, "--rank", "2", "--max_steps", "1", "--overwrite_output_dir", "true")) == 0
+    assert json.load(open(out / "initial_adapter" / "adapter_config.json"))["r"] == 2
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-1"]
+    assert (out / "notes.txt").read_text() == "keep"
+    meta = json.load(open(out / "qmilora.json"))
+    assert meta["recipe"]["rank"] == 2 and meta["source"]["path"] == os.path.abspath(other)
+    lora = tmp_path / "lora"
+    assert export_main(["--adapter", str(out), "--to", "lora", "--output", str(lora)]) == 0
+    assert json.load(open(lora / "adapter_config.json"))["r"] == 4  # 2r of the new run
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(other), str(lora))  # PEFT accepts it
+    # the merged export from the first model's checkpoint is refused: the run was trained on `other`
+    assert export_main(["--adapter", str(out), "--to", "merged", "--model", tiny_llm,
+                        "--output", str(tmp_path / "m")]) == 1
+    assert "content differs" in one_line_error(capsys, "qmilora-export")
+
+
+def test_non_finite_loss_stops_training_keeping_the_last_checkpoint(tiny_llm, tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    rc = train_main(argv(tiny_llm, out, cache, "--max_steps", "30", "--learning_rate", "1e30",
+                         "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--max_grad_norm", "0"))
+    assert rc == 1
+    line = one_line_error(capsys)
+    assert "the training loss became" in line and "last complete checkpoint" in line
+    assert not (out / "adapter_model.safetensors").exists()
+    assert json.load(open(out / "qmilora.json"))["state"] == "training"
+
+
+def test_inspect_never_deletes_an_existing_folder(tiny_ckpt, tmp_path, capsys):
+    d, _ = tiny_ckpt
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    assert inspect_main(["--model", d, "--rank", "4", "--output", str(out)]) == 1
+    assert "exists and is not empty" in one_line_error(capsys, "qmilora-inspect")
+    assert (out / "thesis.tex").read_text() == "years of work"
+    for rank in ("0", "40"):
+        assert inspect_main(["--model", d, "--rank", rank, "--output", str(tmp_path / "r2")]) == 1
+        one_line_error(capsys, "qmilora-inspect")
+
+
+def test_leftovers_of_killed_writes_are_removed(tmp_path):
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    stale = tmp_path / f".merged.tmp-{dead}-abc"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 10)
+    alive = tmp_path / f".merged.tmp-{os.getppid()}-abc"
+    alive.mkdir()
+    with checkpoint.atomic_dir(str(tmp_path / "merged")) as tmp:
+        open(os.path.join(tmp, "f"), "w").close()
+    assert not stale.exists() and alive.exists() and (tmp_path / "merged" / "f").exists()
