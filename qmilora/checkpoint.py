@@ -238,9 +238,14 @@ class SourceIdentity:
         return self
 
     def _hash(self, files: list[str]) -> None:
+        # shards hash in parallel (hashlib releases the GIL), leaving half the cores to the stream beside it
+        from concurrent.futures import ThreadPoolExecutor
+
+        workers = max(1, min(len(files), (os.cpu_count() or 2) // 2))
         try:
-            for f in files:
-                self._digests[f] = self.memo.digest(f)
+            with ThreadPoolExecutor(workers, thread_name_prefix="qmilora-hash") as pool:
+                for f, digest in zip(files, pool.map(self.memo.digest, files)):
+                    self._digests[f] = digest
         except BaseException as err:  # re-raised in value(), on the caller's thread
             self._error = err
 
