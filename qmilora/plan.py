@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import QMiLoRAConfig
+
 GB = 2**30
 _OPTIMIZER_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "adamw_bnb_8bit": 2, "adamw_torch": 8,
                     "adamw_torch_fused": 8, "paged_adamw_32bit": 8, "sgd": 0}
@@ -24,24 +26,14 @@ _OPTIMIZER_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "adamw_bnb_8bit": 2,
 @dataclass
 class PlanConfig:
     model: str = field(metadata={"help": "Checkpoint directory or Hub id (only config.json is read).", "aliases": ["--model_name_or_path"]})
-    rank: int = field(default=64, metadata={"help": "LoRA rank.", "aliases": ["--lora_r"]})
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "As for qmilora-train."})
     max_seq_length: int = field(default=2048, metadata={"help": "Tokens per sequence.", "aliases": ["--max_length"]})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Micro-batch size."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Activation checkpointing per layer."})
     optim: str = field(default="paged_adamw_8bit", metadata={"help": "Optimizer, as in TrainingArguments."})
-    double_quant: bool = field(default=True, metadata={"help": "As in QMiLoRAConfig."})
-    blocksize: int = field(default=64, metadata={"help": "As in QMiLoRAConfig."})
     fused_attention: bool = field(default=True, metadata={"help": "SDPA/flash attention (no T×T score matrices kept)."})
     gpu_memory: str = field(default="24GB", metadata={"help": "Card size to check the plan against, e.g. 24GB."})
 
     def __post_init__(self) -> None:
-        from .config import QMiLoRAConfig
-
-        # the decomposition fields are validated where they are defined
-        qcfg = QMiLoRAConfig(rank=self.rank, target_modules=self.target_modules, double_quant=self.double_quant,
-                             blocksize=self.blocksize, compute_dtype="float32")
-        self.target_modules = qcfg.target_modules
         for name in ("max_seq_length", "per_device_train_batch_size"):
             if isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -82,10 +74,11 @@ def count(hf_config, target_modules: list[str], rank: int | None = None) -> dict
             "vocab": cfg.vocab_size}
 
 
-def plan(cfg: PlanConfig, hf_config) -> dict:
-    c = count(hf_config, cfg.target_modules, cfg.rank)
-    weights = c["linear"] * bytes_per_4bit_weight(cfg.blocksize, cfg.double_quant) + c["other"] * 4
-    adapter_params = cfg.rank * c["adapter_in_out"]
+def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
+    """The memory plan of training `hf_config`'s model as `qcfg` decomposes it, with `cfg`'s training settings."""
+    c = count(hf_config, qcfg.target_modules, qcfg.rank)
+    weights = c["linear"] * bytes_per_4bit_weight(qcfg.blocksize, qcfg.double_quant) + c["other"] * 4
+    adapter_params = qcfg.rank * c["adapter_in_out"]
     optimizer_bytes = _OPTIMIZER_BYTES.get(cfg.optim, 8)
     adapters = adapter_params * 4
     grads_and_optimizer = adapter_params * (4 + optimizer_bytes)

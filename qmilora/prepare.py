@@ -17,12 +17,10 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
-from transformers.quantizers import AutoHfQuantizer
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from . import cache, calibrate, checkpoint, decompose, quantize
+from . import cache, calibrate, checkpoint, decompose, interop, quantize
 from .config import QMiLoRAConfig, QMiLoRAError
 
 log = logging.getLogger("qmilora")
@@ -194,11 +192,9 @@ def skeleton(hf_config, cfg: QMiLoRAConfig) -> Skeleton:
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     quantizer = None
     if cfg.quantize:
-        bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
-                                        bnb_4bit_use_double_quant=cfg.double_quant, bnb_4bit_compute_dtype=dtype)
         # transformers' own module replacement, so a reload from its 4-bit save format rebuilds the same layers.
-        quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=True)
-        quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": cfg.resolved_device})
+        quantizer = interop.install_4bit_layers(model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                                                dtype=dtype, device=cfg.resolved_device)
         candidates = {n for n, m in model.named_modules() if quantize.is_4bit_linear(m)}
     else:
         candidates = set(linear_layers(model))
@@ -269,8 +265,7 @@ def _stream(skel: Skeleton, tensors: Iterable[tuple[str, torch.Tensor]], total: 
         if buf.device != device:
             set_module_tensor_to_device(model, name, device, value=buf)
     if quantizer is not None:
-        model.hf_quantizer = quantizer
-        quantizer.postprocess_model(model)  # marks the model 4-bit (config.quantization_config, is_loaded_in_4bit)
+        interop.mark_4bit(model, quantizer)
     model.eval()
     return model, factors, stats
 
@@ -328,10 +323,10 @@ def _wrap(base: PreTrainedModel, cfg: QMiLoRAConfig, *, factors=None, adapter_di
         lora = LoraConfig.from_pretrained(adapter_dir)
         lora.lora_dropout = cfg.lora_dropout
         model = PeftModel.from_pretrained(base, adapter_dir, config=lora, is_trainable=True)
-    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    layers = interop.lora_layers(model)
     expected = set(factors) if factors is not None else set(layers)
     not_4bit = [n for n, m in layers.items() if cfg.quantize and (
-        not quantize.is_4bit_linear(m.get_base_layer()) or type(m).__module__ != "peft.tuners.lora.bnb")]
+        not quantize.is_4bit_linear(m.get_base_layer()) or not interop.is_bnb_lora(m))]
     if set(layers) != expected or not_4bit:
         raise RuntimeError(f"PEFT wrapped {sorted(set(layers) ^ expected) or not_4bit} "
                            "unlike the decomposition; this is a bug in qmilora")

@@ -10,7 +10,10 @@ def test_defaults():
     assert QMiLoRAConfig(**{**c.to_dict(), "rank": 8}).alpha == 8
     assert QMiLoRAConfig(**{**QMiLoRAConfig(lora_alpha=32).to_dict(), "rank": 8}).scaling == 4.0
     assert c.target_modules == ["all-linear"] and c.peft_target_modules == "all-linear" and c.quant_type == "nf4" and c.double_quant and c.blocksize == 64
-    assert c.compute_dtype == "float32"  # no GPU here
+    import torch
+
+    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert c.compute_dtype == ("bfloat16" if cuda_bf16 else "float32")  # holds on a GPU host too
     assert QMiLoRAConfig(rank=8, lora_alpha=16).scaling == 2.0
     assert QMiLoRAConfig(target_modules="q_proj").target_modules == ["q_proj"]
 

@@ -48,14 +48,17 @@ def test_counts_match_the_prepared_model(even_ckpt, tmp_path):
 
 
 def test_plan_arithmetic_and_cli(even_ckpt, capsys):
+    from qmilora import QMiLoRAConfig
+
+    Q8 = QMiLoRAConfig(rank=8)
     hf = AutoConfig.from_pretrained(even_ckpt)
-    small = plan(PlanConfig(model=even_ckpt, rank=8, max_seq_length=64), hf)
-    long = plan(PlanConfig(model=even_ckpt, rank=8, max_seq_length=128), hf)
+    small = plan(PlanConfig(model=even_ckpt, max_seq_length=64), Q8, hf)
+    long = plan(PlanConfig(model=even_ckpt, max_seq_length=128), Q8, hf)
     assert long["logits_gb"] == pytest.approx(2 * small["logits_gb"])
     assert long["quantized_weights_gb"] == small["quantized_weights_gb"]
-    no_ckpt = plan(PlanConfig(model=even_ckpt, rank=8, max_seq_length=64, gradient_checkpointing=False), hf)
+    no_ckpt = plan(PlanConfig(model=even_ckpt, max_seq_length=64, gradient_checkpointing=False), Q8, hf)
     assert no_ckpt["activations_gb"] > small["activations_gb"]
-    adamw = plan(PlanConfig(model=even_ckpt, rank=8, optim="adamw_torch"), hf)
+    adamw = plan(PlanConfig(model=even_ckpt, optim="adamw_torch"), Q8, hf)
     assert adamw["grads_and_optimizer_gb"] == pytest.approx(small["grads_and_optimizer_gb"] * 12 / 6)
     assert plan_main(["--model", even_ckpt, "--rank", "8", "--gpu_memory", "24GB"]) == 0
     assert "fits in 24 GB" in capsys.readouterr().out

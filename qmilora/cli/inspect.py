@@ -8,25 +8,18 @@ import sys
 from dataclasses import dataclass, field
 
 from . import parse_flags, run
+from ..config import QMiLoRAConfig
 
 
 @dataclass
 class InspectArgs:
     model: str | None = field(default=None, metadata={"help": "Checkpoint directory or Hub id. Default: the demo model.", "aliases": ["--model_name_or_path"]})
-    rank: int = field(default=64, metadata={"help": "r: the size of the minor (and principal) band.", "aliases": ["--lora_r"]})
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "As for qmilora-train."})
     output: str = field(default="qmilora-inspect", metadata={"help": "Directory for report.json and spectra.png."})
-    cache_dir: str | None = field(default=None, metadata={"help": "qmilora cache (for the demo model)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace the contents of a non-empty --output directory."})
 
-    def __post_init__(self) -> None:
-        from ..config import QMiLoRAConfig
 
-        self.target_modules = QMiLoRAConfig(rank=self.rank, target_modules=self.target_modules,
-                                            compute_dtype="float32").target_modules
-
-
-def inspect_checkpoint(args: InspectArgs) -> dict:
+def inspect_checkpoint(args: InspectArgs, qcfg: QMiLoRAConfig) -> dict:
+    """Per target weight of `args.model` (targets and rank from `qcfg`): spectrum, minor energy, NF4 errors."""
     import torch
     from accelerate import init_empty_weights
     from tqdm.auto import tqdm
@@ -38,13 +31,13 @@ def inspect_checkpoint(args: InspectArgs) -> dict:
     from ..prepare import check_rank, linear_layers, select_targets
     from ..spectrum import inspect_weight
 
-    directory = checkpoint.resolve(args.model or demo_model_dir(args.cache_dir))
+    directory = checkpoint.resolve(args.model or demo_model_dir(qcfg.cache_dir))
     hf_config = AutoConfig.from_pretrained(directory)
     checkpoint.refuse_quantized_config(hf_config)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(hf_config)
-    targets = select_targets(skeleton, args.target_modules, set(linear_layers(skeleton)))
-    check_rank(skeleton, targets, args.rank)
+    targets = select_targets(skeleton, qcfg.target_modules, set(linear_layers(skeleton)))
+    check_rank(skeleton, targets, qcfg.rank)
     files = checkpoint.shard_files(directory)
     rows = []
     progress = tqdm(total=len(targets), desc="qmilora-inspect", unit="weight")
@@ -53,13 +46,13 @@ def inspect_checkpoint(args: InspectArgs) -> dict:
         if name.endswith(".weight") and layer in targets:
             if not torch.isfinite(tensor).all():
                 raise QMiLoRAError(f"checkpoint tensor {name} holds NaN or Inf values")
-            rows.append({"layer": layer, **inspect_weight(tensor.float(), args.rank)})
+            rows.append({"layer": layer, **inspect_weight(tensor.float(), qcfg.rank)})
             progress.update()
     progress.close()
     if not rows:
         raise QMiLoRAError(f"{directory} holds none of the target weights")
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    summary = {"weights": len(rows), "rank": args.rank, **{k: mean(k) for k in (
+    summary = {"weights": len(rows), "rank": qcfg.rank, **{k: mean(k) for k in (
         "minor_energy", "nf4_error_qlora", "nf4_error_qmilora", "nf4_error_qpissa", "minor_error_share", "isotropic_share")}}
     summary["qmilora_over_qlora"] = summary["nf4_error_qmilora"] / summary["nf4_error_qlora"]
     summary["qpissa_over_qlora"] = summary["nf4_error_qpissa"] / summary["nf4_error_qlora"]
@@ -104,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         from ..checkpoint import atomic_dir, fresh_output
 
-        (args,) = parse_flags("qmilora-inspect", (InspectArgs,), sys.argv[1:] if argv is None else argv, __doc__)
+        args, qcfg = parse_flags("qmilora-inspect", (InspectArgs, QMiLoRAConfig), sys.argv[1:] if argv is None else argv,
+                                 __doc__)
         fresh_output(args.output, args.overwrite)  # before the slow part
-        report = inspect_checkpoint(args)
+        report = inspect_checkpoint(args, qcfg)
         with atomic_dir(args.output, overwrite=True) as tmp:
             with open(os.path.join(tmp, "report.json"), "w") as f:
                 json.dump(report, f, indent=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from . import parse_flags, run
+from ..config import QMiLoRAConfig
 from ..plan import PlanConfig, plan
 
 
@@ -13,10 +14,11 @@ def main(argv: list[str] | None = None) -> int:
 
         from ..checkpoint import refuse_quantized_config, resolve_config
 
-        (cfg,) = parse_flags("qmilora-plan", (PlanConfig,), sys.argv[1:] if argv is None else argv, __doc__)
+        cfg, qcfg = parse_flags("qmilora-plan", (PlanConfig, QMiLoRAConfig), sys.argv[1:] if argv is None else argv,
+                                __doc__)
         hf_config = AutoConfig.from_pretrained(resolve_config(cfg.model))
         refuse_quantized_config(hf_config)
-        p = plan(cfg, hf_config)
+        p = plan(cfg, qcfg, hf_config)
         rows = [("4-bit weights + quant states + fp32 rest", p["quantized_weights_gb"]),
                 ("adapters (fp32)", p["adapters_gb"]), ("adapter grads + optimizer state", p["grads_and_optimizer_gb"]),
                 ("activations", p["activations_gb"]), ("logits", p["logits_gb"]),
