@@ -108,8 +108,9 @@ def read_header(path: str) -> dict:
     return header
 
 
-def tensor_names(files: list[str]) -> list[str]:
-    return [k for f in files for k in read_header(f) if k != "__metadata__"]
+def tensor_dtypes(files: list[str]) -> dict[str, str]:
+    """{tensor name: safetensors dtype code (F32, BF16, I8, ...)} of every shard, from the headers alone."""
+    return {k: v["dtype"] for f in files for k, v in read_header(f).items() if k != "__metadata__"}
 
 
 def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -307,12 +308,18 @@ def refuse_quantized_config(config) -> None:
             "minor singular components of a quantized weight are mostly quantization noise; use the original model")
 
 
-def refuse_quantized_tensors(names: list[str]) -> None:
-    hits = [n for n in names if n.endswith(QUANTIZED_SUFFIXES) or ".quant_state." in n]
+def refuse_quantized_tensors(dtypes: dict[str, str]) -> None:
+    """Quantized checkpoints carry tell-tale tensors (absmax, qweight, ...) or integer weights."""
+    hits = [n for n in dtypes if n.endswith(QUANTIZED_SUFFIXES) or ".quant_state." in n]
     if hits:
         raise QMiLoRAError(
             f"the checkpoint holds quantized tensors (e.g. {hits[0]}): QMiLoRA needs full-precision weights, because "
             "the minor singular components of a quantized weight are mostly quantization noise; use the original model")
+    ints = [n for n, d in dtypes.items() if n.endswith(".weight") and not d.startswith(("F", "BF"))]
+    if ints:
+        raise QMiLoRAError(
+            f"tensor {ints[0]} is {dtypes[ints[0]]}, not floating point: the checkpoint looks quantized, and QMiLoRA "
+            "needs full-precision weights")
 
 
 _TMP, _OLD = ".tmp-", ".old-"

@@ -93,6 +93,7 @@ def to_merged(adapter_dir: str, output: str, model: str | None = None, overwrite
     files = checkpoint.shard_files(directory)
     checkpoint.check_free_space(os.path.dirname(os.path.abspath(output)), sum(map(os.path.getsize, files)),
                                 "the merged model")
+    stored_transposed, prefix = _layout(directory)
     with _output(output, overwrite) as tmp:
         for path in files:  # one shard in memory at a time
             tensors = {}
@@ -100,10 +101,14 @@ def to_merged(adapter_dir: str, output: str, model: str | None = None, overwrite
                 metadata = f.metadata() or {}
                 for name in f.keys():
                     w = f.get_tensor(name)
-                    layer = name.removesuffix(".weight")
+                    stem = name.removesuffix(".weight")
+                    # a checkpoint may store names without the base model's prefix (transformers adds it on load)
+                    layer = stem if stem in delta else f"{prefix}.{stem}"
                     if name.endswith(".weight") and layer in delta:
                         (B, A), (B0, A0) = delta.pop(layer)
-                        update = B.double() @ A.double() - B0.double() @ A0.double()
+                        update = B.double() @ A.double() - B0.double() @ A0.double()  # (out, in)
+                        if layer in stored_transposed:
+                            update = update.T  # Conv1D stores (in, out)
                         w = (w.double() + scaling * update).to(w.dtype)
                     tensors[name] = w.contiguous()
             save_file(tensors, os.path.join(tmp, os.path.basename(path)), metadata={"format": "pt", **metadata})
@@ -115,6 +120,19 @@ def to_merged(adapter_dir: str, output: str, model: str | None = None, overwrite
                 shutil.copy2(os.path.join(directory, name), tmp)
         _copy_tokenizer(adapter_dir, tmp)
     return output
+
+
+def _layout(directory: str) -> tuple[set[str], str]:
+    """(names of layers whose checkpoint weight is stored (in, out), the base model prefix), from the model that
+    config.json describes, built on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .interop import is_conv1d
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    return {n for n, m in model.named_modules() if is_conv1d(m)}, model.base_model_prefix
 
 
 def _factors(trained: dict, initial: dict) -> dict[str, tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:

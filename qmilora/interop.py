@@ -2,34 +2,239 @@
 transformers or PEFT touches this file only. (bitsandbytes' own internals stay in `quantize`, the only module that
 imports it.)
 
-- transformers: its bitsandbytes quantizer's model surgery (`preprocess_model` swaps `nn.Linear` for
-  `Linear4bit` exactly as `from_pretrained(quantization_config=...)` would; `postprocess_model` marks the model
-  4-bit, which PEFT and Trainer read), driven here without loading any weights.
+Loading follows transformers. A QMiLoRA preparation is `from_pretrained` with a registered custom quantizer (the
+extension point transformers documents for new quantization methods). transformers then does what it knows about
+each architecture: key renames (GPT-NeoX's `embed_out`), weight conversions (per-expert MoE tensors fused into 3-D
+parameters), tied weights, its 4-bit module surgery (`nn.Linear` and `Conv1D` → `Linear4bit`), sequential
+loading of one tensor at a time when quantizing on the fly. The quantizer's conversion op receives each linear
+weight exactly as the model will hold it and hands it, oriented (out, in) and in float32, to QMiLoRA's callback,
+which returns the 4-bit parameter (or, unquantized, the residual). Nothing here knows an architecture by name.
+
+- transformers: `register_quantizer` / `register_quantization_config`, `Bnb4BitHfQuantizer`'s surgery and
+  bitsandbytes (de)serialization, `ConversionOps`, `Conv1D`'s (in, out) storage.
 - PEFT: which LoRA layer class wraps which base layer (its bitsandbytes layer is chosen only for 4-bit-marked models).
 """
 from __future__ import annotations
 
+import contextlib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from peft.tuners.lora import LoraLayer
 from transformers import BitsAndBytesConfig, PreTrainedModel
-from transformers.quantizers import AutoHfQuantizer
+from transformers.core_model_loading import ConversionOps
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.auto import AutoHfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+from . import quantize
+from .config import QMiLoRAError
+
+METHOD = "qmilora"
 
 
-def install_4bit_layers(model: PreTrainedModel, *, quant_type: str, double_quant: bool, dtype: torch.dtype,
-                        device: torch.device):
-    """Replace `model`'s linear layers (on meta) by empty `Linear4bit`s, as transformers' 4-bit load does;
-    returns the quantizer, to be handed to `mark_4bit` once the weights are in."""
-    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                                    bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype)
-    quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=True)
-    quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": device})
-    return quantizer
+@dataclass
+class LoadJob:
+    """What one preparation asks of the loader: which layers' weights go through `convert`, and whether the model
+    gets 4-bit layers at all. `convert(layer, W)` receives W (out, in) float32 and returns what the layer holds."""
+    quantize: bool
+    quant_type: str
+    double_quant: bool
+    dtype: torch.dtype
+    layers: set[str] | None = None
+    convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
 
-def mark_4bit(model: PreTrainedModel, quantizer) -> None:
-    """What from_pretrained does after loading: config.quantization_config, is_loaded_in_4bit, hf_quantizer."""
-    model.hf_quantizer = quantizer
-    quantizer.postprocess_model(model)
+_JOBS: dict[str, LoadJob] = {}
+
+
+@register_quantization_config(METHOD)
+class QMiLoRALoadConfig(BitsAndBytesConfig):
+    """bitsandbytes' 4-bit config under QMiLoRA's method name, so that transformers builds `QMiLoRAQuantizer`."""
+
+    def __init__(self, job_id: str | None = None, **kwargs):
+        kwargs.setdefault("load_in_4bit", True)
+        super().__init__(**kwargs)
+        self.quant_method = METHOD
+        self.job_id = job_id
+
+
+@register_quantizer(METHOD)
+class QMiLoRAQuantizer(Bnb4BitHfQuantizer):
+    """transformers' bitsandbytes 4-bit quantizer, with QMiLoRA's conversion of each linear weight on its way in,
+    and `nn.Linear` subclasses with a plain linear forward (e.g. Falcon's) converted like `nn.Linear`."""
+
+    @property
+    def job(self) -> LoadJob | None:
+        return _JOBS.get(getattr(self.quantization_config, "job_id", None))
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        job = self.job
+        if job is None or job.layers is None:
+            return super().param_needs_quantization(model, param_name, **kwargs)
+        layer, _, name = param_name.rpartition(".")
+        return name == "weight" and layer in job.layers
+
+    def _process_model_before_weight_loading(self, model, device_map, **kwargs):
+        job = self.job
+        if job is not None and not job.quantize:
+            return  # full-precision MiLoRA: the layers stay as they are
+        super()._process_model_before_weight_loading(model, device_map, **kwargs)
+        skip = set(self.modules_to_not_convert or [])
+        for name, module in list(model.named_modules()):
+            if (isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear
+                    and not quantize.is_4bit_linear(module) and not any(name == s or name.endswith("." + s) or
+                                                                      name.startswith(s + ".") for s in skip)):
+                if not acts_as_linear(type(module)):
+                    raise ValueError(f"layer {name} is a {type(module).__name__}, an nn.Linear subclass whose forward is "
+                                     "not a plain linear map: QMiLoRA cannot quantize or adapt it")
+                parent, _, child = name.rpartition(".")
+                replacement = quantize.empty_4bit_linear(
+                    module.in_features, module.out_features, module.bias is not None,
+                    compute_dtype=self.quantization_config.bnb_4bit_compute_dtype,
+                    quant_type=self.quantization_config.bnb_4bit_quant_type,
+                    double_quant=self.quantization_config.bnb_4bit_use_double_quant)
+                replacement.source_cls = type(module)
+                replacement.requires_grad_(False)
+                setattr(model.get_submodule(parent) if parent else model, child, replacement)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        job = self.job
+        if job is not None and not job.quantize:
+            return model
+        return super()._process_model_after_weight_loading(model, **kwargs)
+
+    def get_quantize_ops(self):
+        return _MinorSplitConvert(self)
+
+
+class _MinorSplitConvert(ConversionOps):
+    """Each linear weight, as transformers would place it, through the job's callback."""
+
+    def __init__(self, quantizer: QMiLoRAQuantizer):
+        self.quantizer = quantizer
+
+    def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+        job = self.quantizer.job
+        out = {}
+        for param_name, value in input_dict.items():
+            value = value[0] if isinstance(value, list) else value
+            layer_name = param_name.rpartition(".")[0]
+            module = model.get_submodule(layer_name)
+            stored_transposed = is_conv1d(module)
+            weight = value.T if stored_transposed else value  # (out, in), as the forward multiplies
+            expected = out_in(module)
+            if tuple(weight.shape) != expected:
+                raise _Abort(QMiLoRAError(
+                    f"checkpoint tensor {param_name} holds a {tuple(weight.shape)} weight where config.json describes "
+                    f"{expected} (out, in): the weights and the config do not belong together"))
+            try:
+                result = job.convert(layer_name, weight)
+            except Exception as err:
+                raise _Abort(err) from err
+            if not quantize.is_4bit_param(result) and isinstance(module, Conv1D):
+                result = result.T.contiguous()  # unquantized: back into the Conv1D's own storage
+            module._is_hf_initialized = True
+            out[param_name] = result
+        return out
+
+
+class _Abort(BaseException):
+    """transformers logs an op's Exception and goes on loading without that tensor; a refusal must stop the load."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+def from_pretrained(job: LoadJob, model_class, **kwargs):
+    """`model_class.from_pretrained(**kwargs, output_loading_info=True)` under `job`; an error raised by the job's
+    `convert` stops the load and is raised as it was."""
+    with loading(job) as quantization_config:
+        try:
+            return model_class.from_pretrained(**kwargs, quantization_config=quantization_config,
+                                               output_loading_info=True)
+        except _Abort as abort:
+            raise abort.error from None
+
+
+def out_in(layer: torch.nn.Module) -> tuple[int, int]:
+    """(out, in) features of a linear-like layer: nn.Linear, Linear4bit, or Conv1D (whose weight is stored (in, out))."""
+    if isinstance(layer, Conv1D):
+        return layer.nf, layer.weight.shape[0]
+    return layer.out_features, layer.in_features
+
+
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """A layer whose checkpoint weight is stored (in, out): a Conv1D, or a 4-bit layer transformers made from one."""
+    return isinstance(module, Conv1D) or issubclass(getattr(module, "source_cls", type(None)), Conv1D)
+
+
+def acts_as_linear(cls: type) -> bool:
+    """Whether an nn.Linear subclass computes x @ Wᵀ + b (checked on a small instance, not by its name)."""
+    # the surgery runs under a meta-device context (init_empty_weights, from_pretrained's device mode): the probe and
+    # its inputs get real CPU memory explicitly
+    with torch.device("cpu"):
+        try:
+            probe = cls(5, 3, bias=True)
+        except TypeError:
+            return False
+        probe = probe.to_empty(device="cpu")
+        g = torch.Generator(device="cpu").manual_seed(0)
+        with torch.no_grad():
+            probe.weight.copy_(torch.randn(3, 5, generator=g, device="cpu"))
+            probe.bias.copy_(torch.randn(3, generator=g, device="cpu"))
+            x = torch.randn(2, 5, generator=g, device="cpu")
+            try:
+                return torch.allclose(probe(x), torch.nn.functional.linear(x, probe.weight, probe.bias), atol=1e-6)
+            except Exception:
+                return False
+
+
+def linear_like(module: torch.nn.Module) -> bool:
+    """A layer "all-linear" covers: nn.Linear (and subclasses) or transformers' Conv1D."""
+    return isinstance(module, (torch.nn.Linear, Conv1D))
+
+
+@contextlib.contextmanager
+def loading(job: LoadJob):
+    """The `quantization_config` to pass to `from_pretrained` (or to `skeleton`) while `job` is active."""
+    job_id = uuid.uuid4().hex
+    _JOBS[job_id] = job
+    try:
+        yield QMiLoRALoadConfig(job_id=job_id, bnb_4bit_quant_type=job.quant_type,
+                                bnb_4bit_use_double_quant=job.double_quant, bnb_4bit_compute_dtype=job.dtype)
+    finally:
+        del _JOBS[job_id]
+
+
+def install_4bit_layers(model: PreTrainedModel, job: LoadJob, device: torch.device) -> None:
+    """The module surgery `from_pretrained` will do under `job`, applied to a meta skeleton (to resolve targets)."""
+    with loading(job) as config:
+        quantizer = AutoHfQuantizer.from_config(config, pre_quantized=False)
+        quantizer.preprocess_model(model=model, dtype=job.dtype, device_map={"": device})
+
+
+def finish_loaded(model: PreTrainedModel, job: LoadJob | None) -> None:
+    """After loading (a preparation, `job`, or a cached 4-bit base, None): the model reads as a bitsandbytes 4-bit
+    model to PEFT and Trainer (which check `quantization_method` and `is_loaded_in_4bit`; its config keeps QMiLoRA's
+    method name so that a reload rebuilds the same layers), or, unquantized, as a plain model."""
+    from transformers.utils.quantization_config import QuantizationMethod
+
+    if job is not None and not job.quantize:
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
+        model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+        return
+    if job is not None:
+        config = QMiLoRALoadConfig(bnb_4bit_quant_type=job.quant_type, bnb_4bit_use_double_quant=job.double_quant,
+                                   bnb_4bit_compute_dtype=job.dtype)
+        model.config.quantization_config = config
+        model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=True)
+    model.is_loaded_in_4bit = True
+    model.quantization_method = QuantizationMethod.BITS_AND_BYTES
 
 
 def lora_layers(peft_model) -> dict[str, LoraLayer]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import interop
 from .config import QMiLoRAConfig
 
 GB = 2**30
@@ -45,25 +46,23 @@ def bytes_per_4bit_weight(blocksize: int, double_quant: bool) -> float:
     return 0.5 + absmax
 
 
-def count(hf_config, target_modules: list[str], rank: int | None = None) -> dict:
+def count(hf_config, target_modules: list[str], rank: int) -> dict:
     """Parameter counts of the model built on meta: 4-bit linear weights, other params, adapter (in+out) sums."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .prepare import check_rank, linear_layers, select_targets
+    from .prepare import linear_layers, resolve_targets
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config)
     layers = linear_layers(model)
-    targets = select_targets(model, target_modules, set(layers))
-    if rank is not None:
-        check_rank(model, targets, rank)
+    targets, _ = resolve_targets(model, set(layers), target_modules, rank)
     linear, adapter, largest = 0, 0, (0, 0)
     quantized_ids = set()
     for name, module in layers.items():
         linear += module.weight.numel()
         quantized_ids.add(id(module.weight))
-        out_f, in_f = module.weight.shape
+        out_f, in_f = interop.out_in(module)
         largest = max(largest, (out_f, in_f), key=lambda s: s[0] * s[1])
         if name in targets:
             adapter += in_f + out_f

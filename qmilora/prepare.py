@@ -1,8 +1,11 @@
-"""Build a trainable QMiLoRA model: stream a full-precision checkpoint into a 4-bit skeleton, one weight at a time.
+"""Build a trainable QMiLoRA model: load a full-precision checkpoint the way transformers loads it, intercepting each
+linear weight on its way in.
 
-Per target weight:  safetensors → W (fp32, SVD device) → minor_split → W_res → NF4 → the skeleton's Linear4bit,
-while (A, B) wait on the host for PEFT's LoRA layer. Non-target linear layers are quantized as they are (QLoRA),
-every other tensor is cast to the compute dtype. The full-precision model is never resident.
+Per linear weight (as `from_pretrained` places it: renamed, converted, (out, in)):  W (fp32, SVD device) →
+minor_split → W_res → NF4 → the layer's `Linear4bit`, while (A, B) wait on the host for PEFT's LoRA layer. Non-target
+linear layers are quantized as they are (QLoRA); every other tensor is loaded by transformers. transformers loads
+one tensor at a time when quantizing on the fly, so the full-precision model is never resident. How the loader is
+hooked lives in `interop`.
 """
 from __future__ import annotations
 
@@ -10,12 +13,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
 from accelerate import init_empty_weights
-from accelerate.utils import set_module_tensor_to_device
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -38,6 +39,7 @@ class PrepareStats:
     peak_gpu_gb: float = 0.0
     from_cache: bool = False
     calibrated: int = 0
+    too_small: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
@@ -48,6 +50,9 @@ class PrepareStats:
                     "as-is" + (f", {self.calibrated} calibrated" if self.calibrated else "") + ")")
         else:
             what = f"{self.decomposed} layers decomposed, kept in full precision"
+        if self.too_small:
+            what += (f"; {len(self.too_small)} layers too small for the rank quantized without adapter, e.g. "
+                     f"{self.too_small[0]}")
         return (f"qmilora: {what} in {self.seconds:.1f}s (SVD {self.svd_seconds:.1f}s); "
                 f"mean NF4 rel. error {mean(self.nf4_rel_error):.4f}; mean minor energy {mean(self.minor_energy):.2e}; "
                 f"peak RSS {self.peak_rss_gb:.2f} GB" + (f", peak GPU {self.peak_gpu_gb:.2f} GB" if self.peak_gpu_gb else ""))
@@ -64,9 +69,10 @@ def prepare_model(model: str | os.PathLike | PreTrainedModel, config: QMiLoRACon
         refuse_quantized_model(model)
         skel = skeleton(model.config, cfg)
         hessians = _calibrate(lambda: model, getattr(model, "name_or_path", ""), cfg)
-        state = model.state_dict()  # views of the model's own tensors, no copy
-        base, factors, stats = _stream(skel, state.items(), len(state), cfg, hessians)
-        peft_model = _wrap(base, cfg, factors=factors)
+        # transformers loads from the model's own state dict (views, no copy) exactly as from a checkpoint
+        base, factors, stats = _load(dict(model_class=type(model), pretrained_model_name_or_path=None,
+                                          config=model.config, state_dict=model.state_dict()), skel, cfg, hessians)
+        peft_model = _wrap(base, cfg, factors=factors, excluded=skel.excluded)
         peft_model.qmilora_source_identity = None  # an in-memory model has no checkpoint to identify
     elif isinstance(model, torch.nn.Module):
         raise QMiLoRAError(f"prepare_model takes a transformers PreTrainedModel or a checkpoint path, got {type(model).__name__}")
@@ -94,8 +100,7 @@ def _prepare_checkpoint(source: str, cfg: QMiLoRAConfig) -> tuple[PeftModel, Pre
     hf_config = AutoConfig.from_pretrained(directory)
     checkpoint.refuse_quantized_config(hf_config)
     files = checkpoint.shard_files(directory)
-    names = checkpoint.tensor_names(files)
-    checkpoint.refuse_quantized_tensors(names)
+    checkpoint.refuse_quantized_tensors(checkpoint.tensor_dtypes(files))
     skel = skeleton(hf_config, cfg)  # targets and rank checked before anything slow
 
     root = cfg.resolved_cache_dir
@@ -121,15 +126,16 @@ def _prepare_checkpoint(source: str, cfg: QMiLoRAConfig) -> tuple[PeftModel, Pre
     hessians = _calibrate(lambda: AutoModelForCausalLM.from_pretrained(
         directory, dtype=cfg.torch_compute_dtype, device_map={"": cfg.resolved_device}), directory, cfg)
     checkpoint.release_host_memory()
-    base, factors, stats = _stream(skel, checkpoint.iter_tensors(files), len(names), cfg, hessians)
+    base, factors, stats = _load(dict(model_class=AutoModelForCausalLM, pretrained_model_name_or_path=directory,
+                                      config=hf_config), skel, cfg, hessians)
     identity = source.value()
     if not cfg.prepared_cache:
-        model = _wrap(base, cfg, factors=factors)
+        model = _wrap(base, cfg, factors=factors, excluded=skel.excluded)
     else:
         def save(base_dir: str, adapter_dir: str) -> None:
             nonlocal model
             base.save_pretrained(base_dir)  # before PEFT wraps (and so changes) its modules
-            model = _wrap(base, cfg, factors=factors)
+            model = _wrap(base, cfg, factors=factors, excluded=skel.excluded)
             model.save_pretrained(adapter_dir)
 
         model = None
@@ -154,6 +160,8 @@ def load_prepared(entry: cache.Entry, cfg: QMiLoRAConfig) -> PeftModel:
     """Reload a cached prepared model (transformers' 4-bit format + PEFT adapter): no SVD, no quantization."""
     base = AutoModelForCausalLM.from_pretrained(entry.base, device_map={"": cfg.resolved_device},
                                                 dtype=cfg.torch_compute_dtype)
+    if cfg.quantize:
+        interop.finish_loaded(base, None)
     return _wrap(base, cfg, adapter_dir=entry.adapter)
 
 
@@ -179,101 +187,128 @@ def _calibrate(load_model, tokenizer_source: str, cfg: QMiLoRAConfig) -> dict[st
 
 @dataclass
 class Skeleton:
-    """The model on the meta device with transformers' 4-bit layers in place, and the layers to decompose
-    (rank already checked against each): resolved before any weight is read."""
-    model: PreTrainedModel
+    """What a preparation will do, resolved on the meta device before any weight is read: the linear layers that go
+    through QMiLoRA (4-bit layers, or all linear ones unquantized), which of them get a minor adapter (rank checked
+    against each), and the layers "all-linear" leaves out because they are too small for the rank."""
+    job: interop.LoadJob
     targets: set[str]
-    quantizer: object | None
+    excluded: list[str]
 
 
 def skeleton(hf_config, cfg: QMiLoRAConfig) -> Skeleton:
     dtype = cfg.torch_compute_dtype
+    job = interop.LoadJob(quantize=cfg.quantize, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                          dtype=dtype)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    quantizer = None
+    _refuse_unsupported(model)
     if cfg.quantize:
-        # transformers' own module replacement, so a reload from its 4-bit save format rebuilds the same layers.
-        quantizer = interop.install_4bit_layers(model, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                                                dtype=dtype, device=cfg.resolved_device)
-        candidates = {n for n, m in model.named_modules() if quantize.is_4bit_linear(m)}
+        # the surgery from_pretrained will do (transformers' own, plus linear subclasses)
+        interop.install_4bit_layers(model, job, cfg.resolved_device)
+        layers = {n for n, m in model.named_modules() if quantize.is_4bit_linear(m)}
     else:
-        candidates = set(linear_layers(model))
-    targets = select_targets(model, cfg.target_modules, candidates)
-    check_rank(model, targets, cfg.rank)
-    return Skeleton(model, targets, quantizer)
+        layers = set(linear_layers(model))
+    job.layers = layers
+    targets, excluded = resolve_targets(model, layers, cfg.target_modules, cfg.rank)
+    return Skeleton(job, targets, excluded)
 
 
-def _stream(skel: Skeleton, tensors: Iterable[tuple[str, torch.Tensor]], total: int, cfg: QMiLoRAConfig,
-            hessians: dict[str, torch.Tensor] | None = None):
-    """Fill a 4-bit skeleton from (name, tensor) pairs. Returns (base model, {layer: (A, B)} on the host, stats).
-    With `hessians`, each 4-bit weight is rounded by `calibrate.gptq_codes` instead of to nearest."""
+def resolve_targets(model: torch.nn.Module, layers: set[str], target_modules: list[str], rank: int
+                    ) -> tuple[set[str], list[str]]:
+    """(layers that get a minor adapter, layers "all-linear" leaves out as too small for `rank`). Under all-linear a
+    layer with min(out, in) <= rank is quantized as QLoRA would and named in the summary; named explicitly, it is
+    an error. Both are decided here, before any weight is read."""
+    if target_modules != ["all-linear"]:
+        targets = select_targets(model, target_modules, layers)
+        check_rank(model, targets, rank)
+        return targets, []
+    excluded = sorted(n for n in layers if min(interop.out_in(model.get_submodule(n))) <= rank)
+    if len(excluded) == len(layers):
+        raise QMiLoRAError(f"rank {rank} is too large for every linear layer of this model; lower --rank")
+    return set(layers) - set(excluded), excluded
+
+
+def _refuse_unsupported(model: torch.nn.Module) -> None:
+    """Weights that are neither linear layers nor embeddings (MoE experts fused into 3-D parameters, convolutions)
+    would stay in full precision and unadapted: refused by name until they are supported."""
+    for name, param in model.named_parameters():
+        if param.dim() > 2:
+            owner = model.get_submodule(name.rpartition(".")[0])
+            raise QMiLoRAError(f"{name} is a {param.dim()}-D parameter of {type(owner).__name__} (e.g. fused MoE experts): "
+                               "QMiLoRA does not yet quantize or adapt such weights, which would stay in full precision")
+
+
+def _load(load_kwargs: dict, skel: Skeleton, cfg: QMiLoRAConfig, hessians: dict[str, torch.Tensor] | None = None):
+    """transformers' `from_pretrained` with each of `skel`'s layers' weights converted on its way in. Returns
+    (base model, {layer: (A, B)} on the host, stats). With `hessians`, the 4-bit codes of those layers are chosen
+    by `calibrate.gptq_codes` instead of rounding to nearest."""
     device, svd_device, dtype = cfg.resolved_device, cfg.resolved_svd_device, cfg.torch_compute_dtype
-    model, targets, quantizer = skel.model, skel.targets, skel.quantizer
-    shapes = {n: t.shape for n, t in model.state_dict().items()}  # on meta, before any 4-bit packing
-    expected = set(shapes)
-
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    stats, unexpected = PrepareStats(), []
-    for name, tensor in tqdm(tensors, total=total, desc="qmilora: decompose + quantize", unit="tensor"):
-        if name not in expected:
-            unexpected.append(name)
-            continue
-        if tuple(tensor.shape) != tuple(shapes[name]):
-            raise QMiLoRAError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, but config.json describes "
-                               f"{tuple(shapes[name])}: the weights and the config do not belong together")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise QMiLoRAError(f"checkpoint tensor {name} holds NaN or Inf values: refusing to prepare (and train on) "
-                               "a broken model")
-        module_name, _, param_name = name.rpartition(".")
-        is_weight = param_name == "weight"
-        if not (is_weight and (module_name in targets or quantize.is_4bit_linear(model.get_submodule(module_name)))):
-            value_dtype = dtype if tensor.is_floating_point() else None
-            set_module_tensor_to_device(model, name, device, value=tensor, dtype=value_dtype)
-            continue
-        weight = _check_float(name, tensor).to(svd_device, torch.float32)
-        if module_name in targets:
+    stats = PrepareStats(too_small=list(skel.excluded))
+
+    def convert(layer: str, value: torch.Tensor) -> torch.Tensor:
+        weight = _checked(layer, value).to(svd_device, torch.float32)
+        if layer in skel.targets:
             t = time.perf_counter()
             split = decompose.minor_split(weight, cfg.rank, cfg.scaling, solver=cfg.svd_solver)
             stats.svd_seconds += time.perf_counter() - t
             stats.minor_energy.append(decompose.minor_energy(split, cfg.scaling, weight.square().sum().item()))
-            factors[module_name] = (split.lora_A.cpu(), split.lora_B.cpu())
+            factors[layer] = (split.lora_A.cpu(), split.lora_B.cpu())
             weight = split.residual
             stats.decomposed += 1
         weight = weight.to(device)
-        if cfg.quantize:
-            kwargs = dict(quant_type=cfg.quant_type, blocksize=cfg.blocksize, double_quant=cfg.double_quant, out_dtype=dtype)
-            if hessians is not None and module_name in hessians:
-                param = quantize.quantize_calibrated(weight, hessians.pop(module_name).to(weight.device), **kwargs)
-                stats.calibrated += 1
-            else:
-                param = quantize.quantize(weight, **kwargs)
-            err = (quantize.dequantize(param).float() - weight).norm() / weight.norm().clamp_min(1e-30)
-            stats.nf4_rel_error.append(err.item())
-            quantize.set_weight(model.get_submodule(module_name), param)
-            stats.layers += 1
+        if not cfg.quantize:
+            return weight.to(dtype)
+        kwargs = dict(quant_type=cfg.quant_type, blocksize=cfg.blocksize, double_quant=cfg.double_quant, out_dtype=dtype)
+        if hessians is not None and layer in hessians:
+            param = quantize.quantize_calibrated(weight, hessians.pop(layer).to(weight.device), **kwargs)
+            stats.calibrated += 1
         else:
-            set_module_tensor_to_device(model, name, device, value=weight, dtype=dtype)
-        del weight
+            param = quantize.quantize(weight, **kwargs)
+        err = (quantize.dequantize(param).float() - weight).norm() / weight.norm().clamp_min(1e-30)
+        stats.nf4_rel_error.append(err.item())
+        stats.layers += 1
         checkpoint.release_host_memory()
-    if unexpected:
-        log.warning("qmilora: ignored %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[0])
-    model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if missing:
+        return param
+
+    skel.job.convert = convert
+    try:
+        # float32 in: each weight reaches `convert` exactly as stored (bf16/fp16 upcast is exact)
+        model, info = interop.from_pretrained(skel.job, **load_kwargs, dtype=torch.float32, device_map={"": device})
+    except RuntimeError as err:
+        if "size mismatch" in str(err) or "shape" in str(err):
+            raise QMiLoRAError(f"the checkpoint's tensors and config.json do not belong together: "
+                               f"{str(err).strip().splitlines()[0]}") from None
+        raise
+    if info["mismatched_keys"]:
+        raise QMiLoRAError(f"checkpoint tensor {sorted(info['mismatched_keys'])[0]} has another shape than config.json "
+                           "describes: the weights and the config do not belong together")
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
         raise QMiLoRAError(f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
-    for name, buf in list(model.named_buffers()):
-        if buf.device != device:
-            set_module_tensor_to_device(model, name, device, value=buf)
-    if quantizer is not None:
-        interop.mark_4bit(model, quantizer)
+    if info["unexpected_keys"]:
+        unexpected = sorted(info["unexpected_keys"])
+        log.warning("qmilora: ignored %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[0])
+    if info.get("error_msgs"):
+        raise QMiLoRAError(f"loading the checkpoint failed: {info['error_msgs'][0]}")
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not quantize.is_4bit_param(param):
+            if not torch.isfinite(param).all():
+                raise QMiLoRAError(f"checkpoint tensor {name} holds NaN or Inf values: refusing to prepare (and "
+                                   "train on) a broken model")
+            param.data = param.data.to(dtype)  # what is not 4-bit lives in the compute dtype
+    interop.finish_loaded(model, skel.job)
+    if set(factors) != skel.targets:
+        raise QMiLoRAError(f"the checkpoint did not deliver the weights of {sorted(skel.targets - set(factors))[:1]}")
     model.eval()
     return model, factors, stats
 
 
-def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """{name: layer} of every linear layer but the output head: what "all-linear" means (PEFT's rule too)."""
+def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{name: layer} of every linear layer (nn.Linear or Conv1D) but the output head: what "all-linear" means
+    (PEFT's rule too)."""
     head = model.get_output_embeddings()
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    return {n: m for n, m in model.named_modules() if interop.linear_like(m) and m is not head}
 
 
 def select_targets(model: torch.nn.Module, target_modules: list[str], linear: set[str]) -> set[str]:
@@ -296,11 +331,41 @@ def check_rank(model: torch.nn.Module, targets: set[str], rank: int) -> None:
     """Every target must have min(out, in) > rank (the minor band must leave a principal part); checked before
     any SVD, naming the first layer that is too small."""
     for name in sorted(targets):
-        layer = model.get_submodule(name)
-        out_features, in_features = layer.out_features, layer.in_features
+        out_features, in_features = interop.out_in(model.get_submodule(name))
         if rank >= min(out_features, in_features):
             raise QMiLoRAError(f"rank {rank} is too large for {name} ({out_features}x{in_features}): it must be below "
                                f"{min(out_features, in_features)}; lower --rank or leave that layer out of --target_modules")
+
+
+def visit_target_weights(directory: str, cfg: QMiLoRAConfig, visit, on_start=None) -> None:
+    """Call `visit(layer, W)` with every target weight (out, in, float32) of a checkpoint, as transformers' loader
+    places it (renamed, converted, oriented), one at a time; the 4-bit model built alongside is dropped.
+    `on_start(number of targets)` runs once everything is validated, before the first weight is read."""
+    hf_config = AutoConfig.from_pretrained(directory)
+    checkpoint.refuse_quantized_config(hf_config)
+    checkpoint.refuse_quantized_tensors(checkpoint.tensor_dtypes(checkpoint.shard_files(directory)))
+    skel = skeleton(hf_config, cfg)
+
+    def convert(layer: str, value: torch.Tensor) -> torch.Tensor:
+        weight = _checked(layer, value).float()
+        if layer in skel.targets:
+            visit(layer, weight)
+        return quantize.quantize(weight, quant_type=cfg.quant_type, blocksize=cfg.blocksize,
+                                 double_quant=cfg.double_quant, out_dtype=torch.float32) if cfg.quantize else weight
+
+    skel.job.convert = convert
+    if on_start is not None:
+        on_start(len(skel.targets))
+    interop.from_pretrained(skel.job, AutoModelForCausalLM, pretrained_model_name_or_path=directory,
+                            dtype=torch.float32, device_map={"": "cpu"})
+
+
+def _checked(layer: str, value: torch.Tensor) -> torch.Tensor:
+    weight = _check_float(f"{layer}.weight", value)
+    if not torch.isfinite(weight).all():
+        raise QMiLoRAError(f"checkpoint tensor {layer}.weight holds NaN or Inf values: refusing to prepare (and "
+                           "train on) a broken model")
+    return weight
 
 
 def _check_float(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -310,14 +375,16 @@ def _check_float(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _wrap(base: PreTrainedModel, cfg: QMiLoRAConfig, *, factors=None, adapter_dir: str | None = None) -> PeftModel:
+def _wrap(base: PreTrainedModel, cfg: QMiLoRAConfig, *, factors=None, excluded: list[str] | None = None,
+          adapter_dir: str | None = None) -> PeftModel:
     """PEFT's bitsandbytes LoRA layers on the 4-bit base: fresh with the minor factors, or loaded from `adapter_dir`."""
     quantize.keep_training_layout(base)
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter_dir is None:
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                          target_modules=cfg.peft_target_modules, task_type="CAUSAL_LM", init_lora_weights=False)
+                          target_modules=cfg.peft_target_modules, exclude_modules=excluded or None,
+                          task_type="CAUSAL_LM", init_lora_weights=False)
         model = get_peft_model(base, lora)
     else:
         lora = LoraConfig.from_pretrained(adapter_dir)

@@ -79,6 +79,18 @@ def set_weight(module: nn.Module, param: bnb.nn.Params4bit) -> None:
     module.quant_state = param.quant_state
 
 
+def empty_4bit_linear(in_features: int, out_features: int, bias: bool, *, compute_dtype: torch.dtype,
+                      quant_type: str, double_quant: bool) -> bnb.nn.Linear4bit:
+    """A `Linear4bit` on the meta device, to be filled by `set_weight` (what transformers' surgery creates)."""
+    with torch.device("meta"):
+        return bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
+                                 compress_statistics=double_quant, quant_type=quant_type, quant_storage=torch.uint8)
+
+
+def is_4bit_param(value) -> bool:
+    return isinstance(value, bnb.nn.Params4bit)
+
+
 def is_4bit_linear(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
@@ -112,5 +124,5 @@ def is_cpu_packed(param: torch.Tensor) -> bool:
     return bool(getattr(getattr(param, "quant_state", None), "packing_format_for_cpu", False))
 
 
-__all__ = ["QuantState", "quantize", "quantize_calibrated", "pack", "unpack", "dequantize", "round_trip", "set_weight", "is_4bit_linear",
+__all__ = ["QuantState", "empty_4bit_linear", "is_4bit_param", "quantize", "quantize_calibrated", "pack", "unpack", "dequantize", "round_trip", "set_weight", "is_4bit_linear",
            "is_quantized_module", "keep_training_layout", "is_cpu_packed"]

@@ -396,12 +396,12 @@ def test_interrupt_and_unexpected_errors_are_one_line(ctx, tmp_path, capsys, mon
         def fail(*a, _exc=exc, **k):
             raise _exc
 
-        monkeypatch.setattr(qmilora.prepare, "_stream", fail)
+        monkeypatch.setattr(qmilora.prepare, "_load", fail)
         assert train_main(argv) == code
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qmilora-train")]
         assert len(err) == 1 and fragment in err[0], err
     monkeypatch.setenv("QMILORA_DEBUG", "1")
-    monkeypatch.setattr(qmilora.prepare, "_stream", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(qmilora.prepare, "_load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         train_main(argv)
 

@@ -19,16 +19,28 @@ WRITE = textwrap.dedent("""
     save_tiny(sys.argv[2])
     print(json.dumps({"fp32_mb": sum(p.numel() for p in m.parameters()) * 4 / 2**20}))
 """)
-# VmHWM, reset after the warm-up: ru_maxrss would also count the parent's memory at fork time (kept across exec).
+# Anonymous memory (RssAnon), sampled every 2 ms in a thread after a warm-up. transformers' loader keeps every shard
+# memory-mapped during the load, so the checkpoint's pages show up as file-backed RSS (clean page cache the kernel
+# drops under pressure, not memory the process holds); what must stay small is what the process allocates.
 PROBE = textwrap.dedent("""
-    import json, sys, torch
+    import json, sys, threading, time
     from qmilora import prepare_model
     prepare_model(sys.argv[2], rank=2, prepared_cache=False)  # warm-up: import and initialise every library once
     status = lambda key: int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) / 1024
-    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
-    base = status("VmRSS")
+    base = {k: status(k) for k in ("RssAnon", "RssFile")}
+    peak, done = dict(base), threading.Event()
+    def sample():
+        while not done.is_set():
+            for k in peak:
+                peak[k] = max(peak[k], status(k))
+            time.sleep(0.002)
+    t = threading.Thread(target=sample)
+    t.start()
     prepare_model(sys.argv[1], rank=8, prepared_cache=False)
-    print(json.dumps({"base_mb": base, "peak_mb": status("VmHWM")}))
+    done.set()
+    t.join()
+    print(json.dumps({"anon_growth_mb": peak["RssAnon"] - base["RssAnon"],
+                      "file_growth_mb": peak["RssFile"] - base["RssFile"]}))
 """)
 
 pytestmark = pytest.mark.slow
@@ -45,9 +57,9 @@ def test_peak_rss_is_a_fraction_of_the_model(tmp_path):
     big, small = tmp_path / "big", tmp_path / "small"
     fp32_mb = run(WRITE, big, small, TESTS)["fp32_mb"]
     m = run(PROBE, big, small)
-    growth = m["peak_mb"] - m["base_mb"]
-    print(f"fp32 model {fp32_mb:.0f} MB, RSS growth during prepare {growth:.0f} MB")
+    print(f"fp32 model {fp32_mb:.0f} MB, during prepare: anonymous RSS +{m['anon_growth_mb']:.0f} MB, "
+          f"file-backed (mapped checkpoint) +{m['file_growth_mb']:.0f} MB")
     assert fp32_mb > 300
-    # Holding the model would grow RSS by >= 1.0x its fp32 size; streaming measured ~0.3x here (about 100 MB),
-    # the fixed overhead above dominating at this small size.
-    assert growth < 0.5 * fp32_mb, m
+    # Holding the model would grow anonymous memory by >= 1.0x its fp32 size; streaming measured ~0.37x here
+    # (about 120 MB: the fixed overhead of one layer's SVD workspace and the 4-bit model dominates at this size).
+    assert m["anon_growth_mb"] < 0.5 * fp32_mb, m

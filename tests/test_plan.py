@@ -38,7 +38,7 @@ def test_counts_match_the_prepared_model(even_ckpt, tmp_path):
     hf = AutoConfig.from_pretrained(even_ckpt)
     for targets in (["all-linear"], ["q_proj", "down_proj"]):
         model = prepare_model(even_ckpt, rank=8, target_modules=targets, cache_dir=str(tmp_path))
-        c = count(hf, targets)
+        c = count(hf, targets, 8)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert 8 * c["adapter_in_out"] == trainable
         linear = sum(m.in_features * m.out_features for m in model.modules() if is_4bit_linear(m))

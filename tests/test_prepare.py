@@ -174,8 +174,20 @@ def test_bad_sources(tmp_path, cache):
 
 def test_rank_too_large_for_a_layer(tiny_ckpt, cache):
     d, _ = tiny_ckpt
-    with pytest.raises(QMiLoRAError, match=r"rank 64 is too large for model.layers.0.mlp.down_proj \(64x96\): it must be below 64"):
-        prepare_model(d, rank=64, cache_dir=cache)  # k_proj is 32 x 64
+    with pytest.raises(QMiLoRAError, match="rank 64 is too large for every linear layer"):
+        prepare_model(d, rank=64, cache_dir=cache)
+    # all-linear: layers too small for the rank (k_proj, v_proj are 32 x 64) are quantized without an adapter
+    model = prepare_model(d, rank=40, cache_dir=cache)
+    small = {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("k_proj", "v_proj")}
+    assert set(model.qmilora_stats.too_small) == small and "4 layers too small" in model.qmilora_stats.summary()
+    every = {f"model.layers.{i}.{kind}.{p}" for i in range(2) for kind, ps in
+             (("self_attn", TARGETS[:4]), ("mlp", TARGETS[4:])) for p in ps}
+    assert set(lora_layers(model)) == every - small
+    for name in small:
+        assert isinstance(model.get_base_model().get_submodule(name), bnb.nn.Linear4bit)
+    # named explicitly, a layer that is too small is an error, before any SVD
+    with pytest.raises(QMiLoRAError, match=r"rank 40 is too large for model.layers.0.self_attn.k_proj \(32x64\)"):
+        prepare_model(d, rank=40, target_modules=["k_proj"], cache_dir=cache)
 
 
 def test_summary_wording():

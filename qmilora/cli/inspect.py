@@ -20,35 +20,24 @@ class InspectArgs:
 
 def inspect_checkpoint(args: InspectArgs, qcfg: QMiLoRAConfig) -> dict:
     """Per target weight of `args.model` (targets and rank from `qcfg`): spectrum, minor energy, NF4 errors."""
-    import torch
-    from accelerate import init_empty_weights
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .. import checkpoint
     from ..config import QMiLoRAError
     from ..demo import demo_model_dir
-    from ..prepare import check_rank, linear_layers, select_targets
+    from ..prepare import visit_target_weights
     from ..spectrum import inspect_weight
 
     directory = checkpoint.resolve(args.model or demo_model_dir(qcfg.cache_dir))
-    hf_config = AutoConfig.from_pretrained(directory)
-    checkpoint.refuse_quantized_config(hf_config)
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(hf_config)
-    targets = select_targets(skeleton, qcfg.target_modules, set(linear_layers(skeleton)))
-    check_rank(skeleton, targets, qcfg.rank)
-    files = checkpoint.shard_files(directory)
-    rows = []
-    progress = tqdm(total=len(targets), desc="qmilora-inspect", unit="weight")
-    for name, tensor in checkpoint.iter_tensors(files):
-        layer = name.removesuffix(".weight")
-        if name.endswith(".weight") and layer in targets:
-            if not torch.isfinite(tensor).all():
-                raise QMiLoRAError(f"checkpoint tensor {name} holds NaN or Inf values")
-            rows.append({"layer": layer, **inspect_weight(tensor.float(), qcfg.rank)})
-            progress.update()
-    progress.close()
+    rows, progress = [], []
+
+    def visit(layer, weight):
+        rows.append({"layer": layer, **inspect_weight(weight, qcfg.rank)})
+        progress[0].update()
+
+    visit_target_weights(directory, qcfg, visit,
+                         on_start=lambda n: progress.append(tqdm(total=n, desc="qmilora-inspect", unit="weight")))
+    progress[0].close()
     if not rows:
         raise QMiLoRAError(f"{directory} holds none of the target weights")
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
