@@ -45,7 +45,12 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--solvers", nargs="+", default=["gram", "svd"], help="minor_split solvers to time")
     p.add_argument("--model", default="1024,2816,8", help="hidden,intermediate,layers of a random Llama ('' to skip)")
+    p.add_argument("--thread_sweep", action="store_true",
+                   help="instead: the gram solver on CPU at 1, 2 and all cores, the old library defaults and "
+                        "qmilora's default, quiet and beside a process loading every core")
     args = p.parse_args()
+    if args.thread_sweep:
+        return thread_sweep(args)
     device = torch.device(args.device)
     rows = []
     for shape in args.shapes:
@@ -67,6 +72,51 @@ def main() -> None:
     if model_rows:
         print("\n" + table(model_rows, list(model_rows[0])))
     print("wrote", write(f"decompose-{device.type}", rows, {"device": str(device), "prepare": model_rows}))
+
+
+def thread_sweep(args) -> None:
+    """Seconds per weight for each thread setting; 'qmilora' is `cpu.solver_limits` at `cpu.resolve(None)`."""
+    import subprocess
+    import sys
+
+    from threadpoolctl import threadpool_limits
+
+    from qmilora import cpu
+
+    cores = cpu.available_cores()
+    settings = {"1": 1, "2": 2, "all": cores}
+    burner = "import torch\na = torch.randn(1500, 1500)\nwhile True: a @ a"
+    rows = []
+    for load in ("quiet", "loaded"):
+        proc = subprocess.Popen([sys.executable, "-c", burner]) if load == "loaded" else None
+        try:
+            if proc:
+                time.sleep(3)
+            for shape in args.shapes:
+                out, inp = map(int, shape.split("x"))
+                W = llm_like(out, inp, torch.Generator().manual_seed(0), torch.device("cpu"))
+                minor_split(W[:64, :64], 8)
+                row = {"load": load, "shape": shape, "cores": cores}
+                for name, n in settings.items():
+                    with threadpool_limits(n):
+                        torch.set_num_threads(n)
+                        row[f"threads_{name}_s"] = timed(lambda: minor_split(W, args.rank, solver="gram"),
+                                                         torch.device("cpu"), args.repeat)[0]
+                torch.set_num_threads(cores)  # the libraries' own default: every pool at all cores
+                row["library_default_s"] = timed(lambda: minor_split(W, args.rank, solver="gram"),
+                                                 torch.device("cpu"), args.repeat)[0]
+                with cpu.solver_limits((out, inp), cpu.resolve(None)) as n:
+                    row["qmilora_default_threads"] = n
+                    row["qmilora_default_s"] = timed(lambda: minor_split(W, args.rank, solver="gram"),
+                                                     torch.device("cpu"), args.repeat)[0]
+                row["qmilora_vs_1_thread"] = row["qmilora_default_s"] / row["threads_1_s"]
+                rows.append(row)
+                print(table(rows[-1:], list(rows[-1])), flush=True)
+        finally:
+            if proc:
+                proc.kill()
+    print("\n" + table(rows, list(rows[0])))
+    print("wrote", write("decompose-threads-cpu", rows, {"rank": args.rank, "repeat": args.repeat}))
 
 
 def prepare_whole_model(args, device) -> dict:

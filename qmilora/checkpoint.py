@@ -336,6 +336,7 @@ def atomic_dir(target: str, overwrite: bool = False):
     os.makedirs(parent, exist_ok=True)
     remove_stale_temporaries(parent, os.path.basename(target))
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}{_TMP}{os.getpid()}-", dir=parent)
+    os.chmod(tmp, default_dir_mode())  # mkdtemp's 0700 would otherwise become the output's mode
     try:
         yield tmp
         if os.path.exists(target):
@@ -350,6 +351,13 @@ def atomic_dir(target: str, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def default_dir_mode() -> int:
+    """The mode a plain mkdir gives under the user's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def remove_stale_temporaries(parent: str, name: str | None = None) -> list[str]:

@@ -47,6 +47,7 @@ class QMiLoRAConfig:
     compute_dtype: str | None = field(default=None, metadata={"help": "Dtype of the 4-bit matmuls and of the unquantized weights: float32, bfloat16 or float16. Default: bfloat16 on a GPU that supports it, else float32."})
     device: str = field(default="auto", metadata={"help": "Where the prepared model lives: auto (cuda:0 when there is a GPU, else cpu), cpu, cuda, cuda:1, ..."})
     svd_device: str = field(default="auto", metadata={"help": "Where each weight's SVD runs: auto (same as device), cpu, cuda, ..."})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads for preparation and training (also $QMILORA_THREADS). Default: the cores not busy at start (1-minute load average); the solver uses 1 thread for weights under 2048 wide."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where prepared models are cached. Default: $QMILORA_CACHE or ~/.cache/qmilora."})
     prepared_cache: bool = field(default=True, metadata={"help": "Reuse (and write) a cached prepared model keyed by the source checkpoint and every field that changes it."})
 
@@ -83,6 +84,9 @@ class QMiLoRAConfig:
             self.compute_dtype = "bfloat16" if _cuda() and torch.cuda.is_bf16_supported() else "float32"
         if self.compute_dtype not in _DTYPES:
             raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {self.compute_dtype!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         for name in ("device", "svd_device"):
             value = getattr(self, name)
             if value != "auto":
@@ -130,7 +134,7 @@ class QMiLoRAConfig:
 
     def result_fields(self) -> dict:
         """The fields that change the prepared model's tensors (the cache key); dropout and placement do not."""
-        skip = {"lora_dropout", "device", "svd_device", "cache_dir", "prepared_cache"}
+        skip = {"lora_dropout", "device", "svd_device", "cache_dir", "prepared_cache", "threads"}
         if self.calibration_data is None:
             skip |= {"calibration_samples", "calibration_length"}
         return {**{k: v for k, v in asdict(self).items() if k not in skip}, "lora_alpha": self.alpha}

@@ -55,7 +55,7 @@ def load_rows(cfg: DataConfig):
             raise QMiLoRAError(f"data file {source} does not exist")
         if ext not in _BUILDERS:
             raise QMiLoRAError(f"data file {source}: unsupported extension {ext or '(none)'}; use one of {', '.join(_BUILDERS)}")
-        if os.path.getsize(source) == 0:
+        if os.path.getsize(source) == 0 or (ext in (".json", ".jsonl") and _blank(source)):
             raise QMiLoRAError(f"data file {source} is empty")
         if _BUILDERS[ext] in ("json", "csv", "text"):
             _check_utf8(source)
@@ -71,6 +71,11 @@ def load_rows(cfg: DataConfig):
     if len(rows) == 0:
         raise QMiLoRAError(f"data {source} has no rows")
     return rows
+
+
+def _blank(path: str) -> bool:
+    with open(path, "rb") as f:
+        return not f.read(1 << 16).strip() and os.path.getsize(path) <= 1 << 16
 
 
 def _check_utf8(path: str) -> None:
@@ -100,6 +105,11 @@ def detect_format(columns: list[str], source: str) -> str:
                         ("prompt_completion", {"prompt", "completion"}), ("text", {"text"})):
         if needed <= cols:
             return fmt
+    # a row that has half of a format lacks the other half: name what is missing, not what is extra
+    for needed in ({"instruction", "output"}, {"prompt", "completion"}):
+        if cols & needed:
+            raise QMiLoRAError(f"data {source}: rows have {', '.join(sorted(cols & needed))} but no "
+                               f"{', '.join(sorted(needed - cols))} field (the response to learn)")
     raise QMiLoRAError(f"data {source}: unknown fields {sorted(cols)}; expected messages, instruction+output, "
                        "prompt+completion or text")
 

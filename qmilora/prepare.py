@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -21,10 +22,11 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from . import cache, calibrate, checkpoint, decompose, interop, quantize
+from . import cache, calibrate, checkpoint, cpu, decompose, interop, quantize
 from .config import QMiLoRAConfig, QMiLoRAError
 
 log = logging.getLogger("qmilora")
+DEMO = "demo"  # prepare_model("demo"): the bundled SmolLM2-135M-Instruct (see `qmilora.demo`)
 
 
 @dataclass
@@ -61,10 +63,23 @@ class PrepareStats:
 def prepare_model(model: str | os.PathLike | PreTrainedModel, config: QMiLoRAConfig | None = None,
                   **overrides) -> PeftModel:
     """A `peft.PeftModel` whose target layers are NF4 `Linear4bit`s holding W − s·B A, wrapped by PEFT's bitsandbytes
-    LoRA layer with A, B set to the minor factors. `model` is a checkpoint directory, a Hub id, or a loaded
-    full-precision transformers model; `overrides` replace fields of `config`."""
+    LoRA layer with A, B set to the minor factors. `model` is a checkpoint directory, a Hub id, "demo" (the bundled
+    SmolLM2-135M-Instruct), or a loaded full-precision transformers model; `overrides` replace fields of `config`."""
     cfg = QMiLoRAConfig(**{**(config.to_dict() if config else {}), **overrides})
+    previous_threads = torch.get_num_threads()
+    cpu.apply(cpu.resolve(cfg.threads))
+    try:
+        return _prepare(model, cfg)
+    finally:
+        torch.set_num_threads(previous_threads)  # the caller's setting again (qmilora-train sets its own)
+
+
+def _prepare(model, cfg: QMiLoRAConfig) -> PeftModel:
     t0 = time.perf_counter()
+    if model == DEMO:
+        from .demo import demo_model_dir
+
+        model = demo_model_dir(cfg.cache_dir)
     if isinstance(model, PreTrainedModel):
         refuse_quantized_model(model)
         skel = skeleton(model.config, cfg)
@@ -243,6 +258,7 @@ def _load(load_kwargs: dict, skel: Skeleton, cfg: QMiLoRAConfig, hessians: dict[
     (base model, {layer: (A, B)} on the host, stats). With `hessians`, the 4-bit codes of those layers are chosen
     by `calibrate.gptq_codes` instead of rounding to nearest."""
     device, svd_device, dtype = cfg.resolved_device, cfg.resolved_svd_device, cfg.torch_compute_dtype
+    threads = torch.get_num_threads()  # prepare_model set it from cfg.threads
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     stats = PrepareStats(too_small=list(skel.excluded))
 
@@ -250,7 +266,8 @@ def _load(load_kwargs: dict, skel: Skeleton, cfg: QMiLoRAConfig, hessians: dict[
         weight = _checked(layer, value).to(svd_device, torch.float32)
         if layer in skel.targets:
             t = time.perf_counter()
-            split = decompose.minor_split(weight, cfg.rank, cfg.scaling, solver=cfg.svd_solver)
+            with cpu.solver_limits(tuple(weight.shape), threads) if weight.device.type == "cpu" else nullcontext():
+                split = decompose.minor_split(weight, cfg.rank, cfg.scaling, solver=cfg.svd_solver)
             stats.svd_seconds += time.perf_counter() - t
             stats.minor_energy.append(decompose.minor_energy(split, cfg.scaling, weight.square().sum().item()))
             factors[layer] = (split.lora_A.cpu(), split.lora_B.cpu())

@@ -8,8 +8,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import bitsandbytes as bnb
-from bitsandbytes.functional import QuantState, dequantize_4bit, quantize_4bit
+import logging
+
+# bitsandbytes 0.50 on AVX512-BF16 CPUs tries an optional inference kernel from the Hub at import and logs its
+# absence on every command; QMiLoRA never uses that path (see keep_training_layout). Other warnings stay.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward from kernels-community" not in str(record.msg))
+
+import bitsandbytes as bnb  # noqa: E402
+from bitsandbytes.functional import QuantState, dequantize_4bit, quantize_4bit  # noqa: E402
 
 
 def quantize(weight: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool,

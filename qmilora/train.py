@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from . import cache, checkpoint
+from . import cache, checkpoint, cpu
 from .config import QMiLoRAConfig, QMiLoRAError
 from .data import DataConfig, build_dataset
 from .runfolder import ADAPTER_FILE, RunFolder
@@ -29,8 +29,8 @@ class RunConfig:
 def training_defaults() -> dict:
     """QLoRA-style defaults; every one can be overridden by YAML or flags."""
     cuda = torch.cuda.is_available()
-    return dict(learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, gradient_checkpointing=True,
-                gradient_checkpointing_kwargs={"use_reentrant": False},
+    return dict(learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, activation_checkpointing=True,
+                activation_checkpointing_kwargs={"use_reentrant": False},
                 optim="paged_adamw_8bit" if cuda else "adamw_torch", bf16=cuda and torch.cuda.is_bf16_supported(),
                 per_device_train_batch_size=4, gradient_accumulation_steps=1, num_train_epochs=1, logging_steps=5,
                 save_strategy="steps", save_steps=200, save_total_limit=2, report_to="none", eval_strategy="no",
@@ -77,7 +77,8 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
     from .demo import demo_model_dir
     from .prepare import prepare_model, recipe_of
 
-    source = run.model or demo_model_dir(qcfg.cache_dir)
+    cpu.apply(cpu.resolve(qcfg.threads))  # for the whole run: preparation and training
+    source = run.model if run.model not in (None, "demo") else demo_model_dir(qcfg.cache_dir)
     directory = checkpoint.resolve(source)
     files = checkpoint.shard_files(directory)
     folder = RunFolder(args.output_dir)
@@ -99,7 +100,7 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
     if resume:
         folder.check_resume(resume, checkpoint.identity(directory, files, cache.memo(qcfg.resolved_cache_dir)), recipe)
 
-    meta = {"source": {"model": run.model or "demo:SmolLM2-135M-Instruct", "path": os.path.abspath(directory),
+    meta = {"source": {"model": run.model if run.model not in (None, "demo") else "demo:SmolLM2-135M-Instruct", "path": os.path.abspath(directory),
                        "identity": None}, "recipe": recipe, "qmilora": qcfg.to_dict(), "data": asdict(dcfg),
             "training": args.to_dict(), "versions": _versions()}
     folder.begin(meta, resume=resume is not None)
@@ -111,6 +112,8 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
     trainer = _Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8),
                        processing_class=tokenizer, callbacks=[progress])
+    if resume:
+        log.info("qmilora: resuming from %s", resume)
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - t0
@@ -172,13 +175,19 @@ def _plot_loss(history: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    plotted = False
     for key, label in (("loss", "train"), ("eval_loss", "eval")):
         pts = [(h["step"], h[key]) for h in history if key in h]
         if pts:
-            ax.plot(*zip(*pts), marker="o" if label == "eval" else None, label=label)
+            ax.plot(*zip(*pts), marker="o" if label == "eval" or len(pts) == 1 else None, label=label)
+            plotted = True
+    if plotted:
+        ax.legend()
+    else:  # a run shorter than --logging_steps logged no loss
+        ax.text(0.5, 0.5, "no loss logged (the run was shorter than --logging_steps)", ha="center", va="center",
+                transform=ax.transAxes)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -72,7 +72,7 @@ def test_yaml_config_and_aliases(tmp_path):
     assert (run.model, q.rank, q.alpha, q.lora_dropout) == ("m", 8, 8.0, 0.1)
     assert (d.data_format, d.max_seq_length, t.learning_rate) == ("chat", 99, 1e-3)
     expected_optim = "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"  # GPU hosts too
-    assert t.gradient_checkpointing and t.lr_scheduler_type == "cosine" and t.optim == expected_optim
+    assert t.activation_checkpointing and t.lr_scheduler_type == "cosine" and t.optim == expected_optim
     bad = tmp_path / "bad.yaml"
     bad.write_text("rnak: 4\n")
     assert main(["--config", str(bad)]) == 1

@@ -11,7 +11,12 @@ from ..config import QMiLoRAConfig, QMiLoRAError
 from ..data import DataConfig
 from ..train import RunConfig, train, training_defaults
 
-GROUPS = (RunConfig, QMiLoRAConfig, DataConfig, TrainingArguments)
+class TrainerArguments(TrainingArguments):
+    """transformers' TrainingArguments under a heading of their own, after QMiLoRA's groups in --help."""
+    _argument_group_name = "Trainer (every transformers.TrainingArguments field; --resume_from_checkpoint takes true, last or a path)"
+
+
+GROUPS = (RunConfig, QMiLoRAConfig, DataConfig, TrainerArguments)
 
 
 def build_parser() -> HfArgumentParser:

@@ -1,0 +1,68 @@
+"""CPU thread counts: sane defaults on small and shared machines.
+
+Two thread pools meet on a CPU: torch's OpenMP pool and the BLAS pool scipy ships (the minor solver's dsyrk and
+MRRR eigensolver). Run one after the other, each spins while the other works; on a machine shared with other work
+every parallel region also waits for its slowest, descheduled thread. Measured on a 2-core machine: the solver on the
+demo's 576-wide weights took 1.18 s with both pools at 2 threads against 0.88 s at 1 thread (quiet), and 17.9 s
+against 0.83 s while another process used both cores (`benchmarks/decompose.py --thread_sweep`). So:
+
+- `threads` (QMiLoRAConfig, `--threads`, or QMILORA_THREADS): the thread count for preparation and training.
+  Default: the cores not already busy when the command starts (from the 1-minute load average), at least 1.
+- inside the solver every pool is limited together: to 1 thread for weights under 2048 wide (too small to gain from
+  more), to `threads` above.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+SOLVER_PARALLEL_MIN = 2048  # min(out, in) from which the solver's BLAS calls gain from several threads
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def resolve(requested: int | None) -> int:
+    """The thread count to use: `requested`, else $QMILORA_THREADS, else the cores not busy right now."""
+    if requested is None and os.environ.get("QMILORA_THREADS"):
+        try:
+            requested = int(os.environ["QMILORA_THREADS"])
+        except ValueError:
+            raise ValueError(f"QMILORA_THREADS must be a positive integer, got {os.environ['QMILORA_THREADS']!r}") from None
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"threads must be a positive integer, got {requested}")
+        return requested
+    cores = available_cores()
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, round(cores - busy + 0.25)))
+
+
+def apply(threads: int) -> None:
+    """Set torch's pool (intra-op) for the rest of the process."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def solver_limits(shape: tuple[int, int], threads: int):
+    """Every pool (torch's OpenMP, scipy's BLAS) at one common count while one weight is decomposed on the CPU."""
+    from threadpoolctl import threadpool_limits
+
+    n = threads if min(shape) >= SOLVER_PARALLEL_MIN else 1
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(n):
+            yield n
+    finally:
+        torch.set_num_threads(previous)
