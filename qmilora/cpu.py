@@ -7,7 +7,7 @@ demo's 576-wide weights took 1.18 s with both pools at 2 threads against 0.88 s 
 against 0.83 s while another process used both cores (`benchmarks/decompose.py --thread_sweep`). So:
 
 - `threads` (QMiLoRAConfig, `--threads`, or QMILORA_THREADS): the thread count for preparation and training.
-  Default: the cores not already busy when the command starts (from the 1-minute load average), at least 1.
+  Default: the cores not already busy when the command starts (runnable threads of other processes), at least 1.
 - inside the solver every pool is limited together: to 1 thread for weights under 2048 wide (too small to gain from
   more), to `threads` above.
 """
@@ -40,11 +40,27 @@ def resolve(requested: int | None) -> int:
             raise ValueError(f"threads must be a positive integer, got {requested}")
         return requested
     cores = available_cores()
+    return max(1, min(cores, round(cores - busy_cores() + 0.25)))
+
+
+def busy_cores() -> float:
+    """Cores other processes keep busy right now: Linux's count of runnable threads (/proc/loadavg, ourselves
+    excluded), the median of a few samples; elsewhere the 1-minute load average, which lags behind."""
+    import statistics
+    import time
+
     try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, round(cores - busy + 0.25)))
+        samples = []
+        for _ in range(5):
+            with open("/proc/loadavg") as f:
+                samples.append(int(f.read().split()[3].split("/")[0]) - 1)
+            time.sleep(0.02)
+        return max(0.0, statistics.median(samples))
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
 
 
 def apply(threads: int) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -396,8 +397,10 @@ def _wrap(base: PreTrainedModel, cfg: QMiLoRAConfig, *, factors=None, excluded: 
           adapter_dir: str | None = None) -> PeftModel:
     """PEFT's bitsandbytes LoRA layers on the 4-bit base: fresh with the minor factors, or loaded from `adapter_dir`."""
     quantize.keep_training_layout(base)
-    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
-                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings():  # PEFT still calls transformers' deprecated gradient_checkpointing_* names
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
     if adapter_dir is None:
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, bias="none",
                           target_modules=cfg.peft_target_modules, exclude_modules=excluded or None,
