@@ -46,9 +46,10 @@ def measure(method: str, directory: str, args) -> dict:
         official(directory, args.rank, device)
     elif method == "identity":  # the content hash alone, not overlapped with anything
         checkpoint.identity(directory, checkpoint.shard_files(directory), checkpoint.DigestMemo(memo))
-    else:  # includes the content hash, which runs in a thread alongside the stream
+    else:  # includes the content hash, which runs in a thread alongside the stream; "@N": --threads N
+        solver, _, threads = method.split("-")[1].partition("@")
         prepare_model(directory, rank=args.rank, device=str(device), prepared_cache=False, cache_dir=memo,
-                      svd_solver=method.split("-")[1])
+                      svd_solver=solver, threads=int(threads) if threads.isdigit() else None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     row = {"method": method, "seconds": time.perf_counter() - t, "peak_mb": peak_mb(device)}
@@ -61,7 +62,12 @@ def measure(method: str, directory: str, args) -> dict:
 def main() -> None:
     p = comparison_parser(__doc__)
     p.add_argument("--methods", nargs="+", default=["official", "qmilora-svd", "qmilora-auto", "identity"])
+    p.add_argument("--thread_sweep", action="store_true",
+                   help="instead: qmilora-auto at 1 and 2 threads and at its default, quiet and beside a process "
+                        "loading every core")
     args = p.parse_args()
+    if args.thread_sweep and not args.child:
+        return thread_sweep(args)
     rows, size_gb = compare(__file__, args, args.methods, measure)
     base = rows[0]
     for r in rows:
@@ -75,6 +81,29 @@ def main() -> None:
     print("wrote", write(f"prepare-{args.shape}-{torch.device(args.device).type}", rows,
                          {"settings": {"shape": args.shape, "rank": args.rank, "device": args.device,
                                        "checkpoint_gb": size_gb}}))
+
+
+def thread_sweep(args) -> None:
+    import subprocess
+    import sys
+
+    methods = ["qmilora-auto@1", "qmilora-auto@2", "qmilora-auto@default"]
+    burner = "import torch\na = torch.randn(1500, 1500)\nwhile True: a @ a"
+    rows = []
+    for load in ("quiet", "loaded"):
+        proc = subprocess.Popen([sys.executable, "-c", burner]) if load == "loaded" else None
+        try:
+            if proc:
+                time.sleep(3)
+            found, size_gb = compare(__file__, args, methods, measure)
+        finally:
+            if proc:
+                proc.kill()
+        one = found[0]["seconds"]
+        rows += [{"load": load, **r, "vs_1_thread": r["seconds"] / one} for r in found]
+        print(table(rows, list(rows[-1])), flush=True)
+    print("wrote", write(f"prepare-threads-{args.shape}-cpu", rows,
+                         {"settings": {"shape": args.shape, "rank": args.rank, "checkpoint_gb": size_gb}}))
 
 
 if __name__ == "__main__":

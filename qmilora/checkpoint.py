@@ -1,5 +1,5 @@
-"""Checkpoint I/O: locate a safetensors checkpoint, stream its tensors one at a time, identify it by its content,
-and write files and directories atomically (temporary name, then rename)."""
+"""Checkpoint files: locate a safetensors checkpoint and validate its headers, identify it by its content, and write
+files and directories atomically (temporary name, then rename). Loading the tensors is transformers' job."""
 from __future__ import annotations
 
 import contextlib
@@ -13,10 +13,8 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator
 
 import torch
-from safetensors import safe_open
 
 from .config import QMiLoRAError
 
@@ -111,18 +109,6 @@ def read_header(path: str) -> dict:
 def tensor_dtypes(files: list[str]) -> dict[str, str]:
     """{tensor name: safetensors dtype code (F32, BF16, I8, ...)} of every shard, from the headers alone."""
     return {k: v["dtype"] for f in files for k, v in read_header(f).items() if k != "__metadata__"}
-
-
-def iter_tensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time; a shard's memory map is closed before the next is opened.
-
-    Each tensor is copied out of the map: a tensor that views the map keeps the whole shard mapped (and its
-    touched pages resident) for as long as the model holds it, so every shard would stay in memory.
-    """
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name).clone()
 
 
 @functools.cache
