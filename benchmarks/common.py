@@ -1,12 +1,14 @@
 """Shared benchmark plumbing: machine/version record, peak-memory probes, result writing."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -52,6 +54,22 @@ def run_children(script: str, methods: list[str], directory: str) -> list[dict]:
             sys.exit(f"{method} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(lines[-1][len("RESULT "):]))
     return rows
+
+
+@contextlib.contextmanager
+def cpu_load(load: str):
+    """`load` "loaded": another process multiplies matrices on every core for the duration; "quiet": nothing."""
+    if load != "loaded":
+        yield
+        return
+    burner = "import torch\na = torch.randn(1500, 1500)\nwhile True: a @ a"
+    proc = subprocess.Popen([sys.executable, "-c", burner])
+    try:
+        time.sleep(3)  # let it spin up its threads
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def machine() -> dict:

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common import llm_like, peak_mb, reset_peak, table, write
+from common import cpu_load, llm_like, peak_mb, reset_peak, table, write
 from qmilora import minor_split
 
 
@@ -76,22 +76,15 @@ def main() -> None:
 
 def thread_sweep(args) -> None:
     """Seconds per weight for each thread setting; 'qmilora' is `cpu.solver_limits` at `cpu.resolve(None)`."""
-    import subprocess
-    import sys
-
     from threadpoolctl import threadpool_limits
 
     from qmilora import cpu
 
     cores = cpu.available_cores()
     settings = {"1": 1, "2": 2, "all": cores}
-    burner = "import torch\na = torch.randn(1500, 1500)\nwhile True: a @ a"
     rows = []
     for load in ("quiet", "loaded"):
-        proc = subprocess.Popen([sys.executable, "-c", burner]) if load == "loaded" else None
-        try:
-            if proc:
-                time.sleep(3)
+        with cpu_load(load):
             for shape in args.shapes:
                 out, inp = map(int, shape.split("x"))
                 W = llm_like(out, inp, torch.Generator().manual_seed(0), torch.device("cpu"))
@@ -112,9 +105,6 @@ def thread_sweep(args) -> None:
                 row["qmilora_vs_1_thread"] = row["qmilora_default_s"] / row["threads_1_s"]
                 rows.append(row)
                 print(table(rows[-1:], list(rows[-1])), flush=True)
-        finally:
-            if proc:
-                proc.kill()
     print("\n" + table(rows, list(rows[0])))
     print("wrote", write("decompose-threads-cpu", rows, {"rank": args.rank, "repeat": args.repeat}))
 

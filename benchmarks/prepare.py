@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common import compare, comparison_parser, peak_mb, reset_peak, table, write
+from common import compare, comparison_parser, cpu_load, peak_mb, reset_peak, table, write
 
 
 def official(directory: str, rank: int, device: torch.device) -> None:
@@ -84,21 +84,11 @@ def main() -> None:
 
 
 def thread_sweep(args) -> None:
-    import subprocess
-    import sys
-
     methods = ["qmilora-auto@1", "qmilora-auto@2", "qmilora-auto@default"]
-    burner = "import torch\na = torch.randn(1500, 1500)\nwhile True: a @ a"
     rows = []
     for load in ("quiet", "loaded"):
-        proc = subprocess.Popen([sys.executable, "-c", burner]) if load == "loaded" else None
-        try:
-            if proc:
-                time.sleep(3)
+        with cpu_load(load):
             found, size_gb = compare(__file__, args, methods, measure)
-        finally:
-            if proc:
-                proc.kill()
         one = found[0]["seconds"]
         rows += [{"load": load, **r, "vs_1_thread": r["seconds"] / one} for r in found]
         print(table(rows, list(rows[-1])), flush=True)
