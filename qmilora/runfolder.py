@@ -133,6 +133,8 @@ class RunFolder:
         if not resume:
             old = self.meta() or {}
             for name in set(old.get("files", [])) | set(self.checkpoints()) | {INITIAL}:
+                if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                    continue  # the record names entries of this folder only; anything else is not ours to remove
                 path = os.path.join(self.path, name)
                 shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
         self.write_meta({**meta, "schema": SCHEMA, "state": "training" if resume else "preparing"})

@@ -209,3 +209,19 @@ def test_outputs_get_the_users_normal_permissions(tmp_path):
         os.umask(old)
     assert (os.stat(tmp_path / "out").st_mode & 0o777) == 0o755
     assert (os.stat(tmp_path / "out" / "f").st_mode & 0o777) == 0o644
+
+
+def test_a_tampered_run_record_cannot_delete_outside_the_folder(tmp_path):
+    from qmilora.runfolder import RunFolder
+
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "qmilora.json").write_text(json.dumps({"schema": 2, "state": "complete",
+                                                  "files": ["../precious.txt", str(outside), "loss.png"]}))
+    (run / "loss.png").write_text("old plot")
+    folder = RunFolder(str(run))
+    folder.claim(resume=False, overwrite=True)
+    folder.begin({"source": {}}, resume=False)
+    assert outside.read_text() == "keep" and not (run / "loss.png").exists()
