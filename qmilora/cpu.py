@@ -7,7 +7,8 @@ demo's 576-wide weights took 1.18 s with both pools at 2 threads against 0.88 s 
 against 0.83 s while another process used both cores (`benchmarks/decompose.py --thread_sweep`). So:
 
 - `threads` (QMiLoRAConfig, `--threads`, or QMILORA_THREADS): the thread count for preparation and training.
-  Default: the cores not already busy when the command starts (runnable threads of other processes), at least 1.
+  Default: the cores not already busy when the command starts (runnable threads of other processes), at least 1;
+  under torchrun / accelerate, the machine's cores shared out among the processes started on it.
 - inside the solver every pool is limited together: to 1 thread for weights under 2048 wide (too small to gain from
   more), to `threads` above.
 """
@@ -40,6 +41,9 @@ def resolve(requested: int | None) -> int:
             raise ValueError(f"threads must be a positive integer, got {requested}")
         return requested
     cores = available_cores()
+    siblings = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    if siblings > 1:  # torchrun / accelerate started this many processes here; they are each other's load
+        return max(1, cores // siblings)
     return max(1, min(cores, round(cores - busy_cores() + 0.25)))
 
 

@@ -6,6 +6,7 @@ modules: linear weights (4-bit), the rest (fp32 after k-bit preparation, as QLoR
     bytes per 4-bit weight:  1/2 (codes) + absmax: 4/blocksize, or with double quantization
                              1/blocksize (8-bit absmax) + 4/(256·blocksize) (their fp32 scales, blocks of 256)
     training:  weights + adapters·(4 param + 4 grad + optimizer state) + activations + logits
+               (+ adapters·4 on each of several data-parallel GPUs: DDP's gradient buckets)
     activations (per micro-batch token): checkpointed layer inputs L·h·2 bytes, plus one layer recomputed
                (≈ 34·h + 5·heads·T bytes per token without fused attention, 34·h with it)
     logits:    T·vocab·4 bytes for the float32 logits, ×3 (logits, log-softmax, their gradient)
@@ -33,9 +34,10 @@ class PlanConfig:
     optim: str = field(default="paged_adamw_8bit", metadata={"help": "Optimizer, as in TrainingArguments."})
     fused_attention: bool = field(default=True, metadata={"help": "SDPA/flash attention (no T×T score matrices kept)."})
     gpu_memory: str = field(default="24GB", metadata={"help": "Card size to check the plan against, e.g. 24GB."})
+    num_gpus: int = field(default=1, metadata={"help": "Data-parallel processes (torchrun / accelerate launch): each GPU holds the whole 4-bit model plus DDP's gradient buckets."})
 
     def __post_init__(self) -> None:
-        for name in ("max_seq_length", "per_device_train_batch_size"):
+        for name in ("max_seq_length", "per_device_train_batch_size", "num_gpus"):
             if isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         parse_size(self.gpu_memory)
@@ -80,7 +82,7 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     adapter_params = qcfg.rank * c["adapter_in_out"]
     optimizer_bytes = _OPTIMIZER_BYTES.get(cfg.optim, 8)
     adapters = adapter_params * 4
-    grads_and_optimizer = adapter_params * (4 + optimizer_bytes)
+    grads_and_optimizer = adapter_params * (4 + optimizer_bytes + (4 if cfg.num_gpus > 1 else 0))
     tokens = cfg.max_seq_length * cfg.per_device_train_batch_size
     per_layer = tokens * (34 * c["hidden"] + (0 if cfg.fused_attention else 5 * c["heads"] * cfg.max_seq_length))
     if cfg.gradient_checkpointing:
@@ -98,6 +100,7 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
             "grads_and_optimizer_gb": grads_and_optimizer / GB, "activations_gb": activations / GB,
             "logits_gb": logits / GB, "svd_workspace_gb": svd_workspace / GB, "prepare_peak_gb": prepare_peak / GB,
             "train_peak_gb": train_peak / GB, "gpu_gb": parse_size(cfg.gpu_memory) / GB,
+            "num_gpus": cfg.num_gpus, "global_batch_tokens": tokens * cfg.num_gpus,
             "fits": max(prepare_peak, train_peak) <= parse_size(cfg.gpu_memory)}
 
 

@@ -32,6 +32,8 @@ def training_defaults() -> dict:
     return dict(learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, activation_checkpointing=True,
                 activation_checkpointing_kwargs={"use_reentrant": False},
                 optim="paged_adamw_8bit" if cuda else "adamw_torch", bf16=cuda and torch.cuda.is_bf16_supported(),
+                # without it, transformers runs torchrun's CPU processes undistributed: each on all the data
+                use_cpu=not cuda,
                 per_device_train_batch_size=4, gradient_accumulation_steps=1, num_train_epochs=1, logging_steps=5,
                 save_strategy="steps", save_steps=200, save_total_limit=2, report_to="none", eval_strategy="no",
                 include_num_input_tokens_seen=True, remove_unused_columns=False)
@@ -54,6 +56,10 @@ class _Progress(TrainerCallback):
             logs["tokens_per_second"] = round((state.num_input_tokens_seen - self.tokens_at_start) / max(elapsed, 1e-9), 1)
 
     def on_save(self, args, state, control, **kw):
+        if args.world_size > 1:  # Trainer does not wait: each process must have written its part (RNG state)
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
         if state.is_world_process_zero:
             self.folder.mark_complete_checkpoint(state.global_step)
 
@@ -73,17 +79,30 @@ class _Trainer(Trainer):
 
 
 def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingArguments):
-    """Prepare, train, and write the outputs; returns (trained PeftModel, run summary)."""
+    """Prepare, train, and write the outputs; returns (trained PeftModel, run summary).
+
+    Under torchrun / `accelerate launch` (data parallel): the main process of each node prepares the model first and
+    caches it, the other processes then load that cached preparation (identical bytes on every rank); only the
+    global main process writes to --output_dir; the summary's tokens are global (transformers gathers them)."""
     from .demo import demo_model_dir
     from .prepare import prepare_model, recipe_of
 
+    main = args.process_index == 0
+    if args.world_size > 1 and not qcfg.prepared_cache:
+        raise QMiLoRAError("with several processes the ranks share one preparation through the cache: drop "
+                           "--prepared_cache false")
+    if not main:
+        log.setLevel(logging.WARNING)
+    if args.use_cpu and qcfg.device == "auto":
+        qcfg.device = "cpu"
     cpu.apply(cpu.resolve(qcfg.threads))  # for the whole run: preparation and training
     source = run.model if run.model not in (None, "demo") else demo_model_dir(qcfg.cache_dir)
     directory = checkpoint.resolve(source)
     files = checkpoint.shard_files(directory)
     folder = RunFolder(args.output_dir)
     resume = folder.resolve_resume(args.resume_from_checkpoint)
-    folder.claim(resume=resume is not None, overwrite=run.overwrite_output_dir)  # before any slow step
+    if main:
+        folder.claim(resume=resume is not None, overwrite=run.overwrite_output_dir)  # before any slow step
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as err:
@@ -97,17 +116,20 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
         args.eval_strategy = "steps"
         args.eval_steps = args.eval_steps or args.logging_steps
     recipe = recipe_of(qcfg)
-    if resume:
+    if resume and main:
         folder.check_resume(resume, checkpoint.identity(directory, files, cache.memo(qcfg.resolved_cache_dir)), recipe)
 
     meta = {"source": {"model": run.model if run.model not in (None, "demo") else "demo:SmolLM2-135M-Instruct", "path": os.path.abspath(directory),
                        "identity": None}, "recipe": recipe, "qmilora": qcfg.to_dict(), "data": asdict(dcfg),
             "training": args.to_dict(), "versions": _versions()}
-    folder.begin(meta, resume=resume is not None)
-    model = prepare_model(directory, qcfg)
+    if main:
+        folder.begin(meta, resume=resume is not None)
+    with args.main_process_first(local=True, desc="QMiLoRA preparation"):
+        model = prepare_model(directory, qcfg)
     meta["source"]["identity"] = model.qmilora_source_identity
-    folder.write_initial(model)
-    folder.update(source=meta["source"], state="training")
+    if main:
+        folder.write_initial(model)
+        folder.update(source=meta["source"], state="training")
     progress = _Progress(folder)
     trainer = _Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8),
@@ -118,22 +140,27 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
     result = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - t0
 
-    tokens = int(trainer.state.num_input_tokens_seen)
+    tokens = int(trainer.state.num_input_tokens_seen)  # all processes' tokens
     summary = {"steps": trainer.state.global_step, "tokens": tokens, "wall_seconds": round(wall, 2),
-               "train_loss": result.training_loss, "resumed_from": resume,
+               "train_loss": result.training_loss, "resumed_from": resume, "processes": args.world_size,
                # this session's tokens over this session's time (a resumed run did the rest earlier)
                "tokens_per_second": round((tokens - (progress.tokens_at_start or 0)) / max(wall, 1e-9), 1),
                "peak_memory_gb": round(_peak_gb(args), 3), "data_format": fmt, "train_rows": len(train_set),
                "eval_rows": len(eval_set) if eval_set is not None else 0}
     if eval_set is not None:
-        summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+        summary["eval_loss"] = trainer.evaluate()["eval_loss"]  # every process takes part
 
     def write_files(tmp):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _plot_loss(trainer.state.log_history, os.path.join(tmp, "loss.png"))
 
-    folder.finish(write_files, {**meta, "summary": summary})
+    if main:
+        folder.finish(write_files, {**meta, "summary": summary})
+    if args.world_size > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()  # the run is over for every process once its outputs exist
     return model, summary
 
 

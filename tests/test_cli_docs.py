@@ -12,16 +12,18 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def readme_commands():
-    """Every `qmilora...` line inside README's bash blocks, as argv lists (comments dropped)."""
+    """Every `qmilora...` line inside README's bash blocks, as argv lists (comments dropped); a launcher's line
+    (`torchrun ... qmilora-train ...`) from the qmilora command on."""
     text = open(README).read()
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.splitlines():
             line = line.split("  #")[0].strip()
             for part in line.split("&&"):
-                part = part.strip()
-                if part.startswith("qmilora"):
-                    lines.append(shlex.split(part))
+                argv = shlex.split(part.strip())
+                start = next((i for i, a in enumerate(argv) if a.startswith("qmilora")), None)
+                if start is not None:
+                    lines.append(argv[start:])
     return lines
 
 

@@ -60,6 +60,11 @@ def test_plan_arithmetic_and_cli(even_ckpt, capsys):
     assert no_ckpt["activations_gb"] > small["activations_gb"]
     adamw = plan(PlanConfig(model=even_ckpt, optim="adamw_torch"), Q8, hf)
     assert adamw["grads_and_optimizer_gb"] == pytest.approx(small["grads_and_optimizer_gb"] * 12 / 6)
+    ddp = plan(PlanConfig(model=even_ckpt, max_seq_length=64, num_gpus=2), Q8, hf)  # + one fp32 bucket copy
+    assert ddp["grads_and_optimizer_gb"] - small["grads_and_optimizer_gb"] == pytest.approx(small["adapters_gb"])
+    assert ddp["global_batch_tokens"] == 2 * 64 and ddp["activations_gb"] == small["activations_gb"]
+    assert plan_main(["--model", even_ckpt, "--rank", "8", "--num_gpus", "2"]) == 0
+    assert "per GPU, on each of 2" in capsys.readouterr().out
     assert plan_main(["--model", even_ckpt, "--rank", "8", "--gpu_memory", "24GB"]) == 0
     assert "fits in 24 GB" in capsys.readouterr().out
     assert plan_main(["--model", even_ckpt, "--gpu_memory", "1MB"]) == 0

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'peak while preparing':<42} {p['prepare_peak_gb']:8.2f} GB")
         print(f"{'peak while training':<42} {p['train_peak_gb']:8.2f} GB")
         verdict = "fits" if p["fits"] else "does NOT fit"
-        print(f"{p['adapter_params']:,} trainable parameters; {verdict} in {p['gpu_gb']:.0f} GB")
+        per = f" per GPU, on each of {p['num_gpus']} (data parallel: {p['global_batch_tokens']:,} tokens per step)" \
+            if p["num_gpus"] > 1 else ""
+        print(f"{p['adapter_params']:,} trainable parameters; {verdict} in {p['gpu_gb']:.0f} GB{per}")
 
     return run("qmilora-plan", body)
 

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         run, qcfg, dcfg, args = parse(sys.argv[1:] if argv is None else argv)
         _, summary = train(run, qcfg, dcfg, args)
-        print("qmilora-train: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+        if args.process_index == 0:  # one summary for a multi-process run
+            print("qmilora-train: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
 
     return run_cli("qmilora-train", body)
 
