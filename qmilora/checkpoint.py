@@ -14,8 +14,6 @@ import struct
 import tempfile
 import threading
 
-import torch
-
 from .config import QMiLoRAError
 
 # Tensor-name suffixes that quantized checkpoints carry beside (or instead of) a float `weight`:

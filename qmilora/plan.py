@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from . import interop
 from .config import QMiLoRAConfig
 

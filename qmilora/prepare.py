@@ -13,13 +13,12 @@ import logging
 import os
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
 from accelerate import init_empty_weights
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -397,10 +396,11 @@ def _wrap(base: PreTrainedModel, cfg: QMiLoRAConfig, *, factors=None, excluded: 
           adapter_dir: str | None = None) -> PeftModel:
     """PEFT's bitsandbytes LoRA layers on the 4-bit base: fresh with the minor factors, or loaded from `adapter_dir`."""
     quantize.keep_training_layout(base)
-    with warnings.catch_warnings():  # PEFT still calls transformers' deprecated gradient_checkpointing_* names
-        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Not PEFT's prepare_model_for_kbit_training: it upcasts every frozen non-4-bit tensor (embeddings, head, norms)
+    # to float32, twice their memory in bf16. They stay in the compute dtype; only the adapters are float32.
+    for param in base.parameters():
+        param.requires_grad_(False)
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if adapter_dir is None:
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, bias="none",
                           target_modules=cfg.peft_target_modules, exclude_modules=excluded or None,

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from . import cache, checkpoint, cpu
+from . import cache, checkpoint, cpu, loss as lm_loss
 from .config import QMiLoRAConfig, QMiLoRAError
 from .data import DataConfig, build_dataset
 from .runfolder import ADAPTER_FILE, RunFolder
@@ -21,9 +21,11 @@ log = logging.getLogger("qmilora")
 
 @dataclass
 class RunConfig:
-    _argument_group_name = "model"
+    _argument_group_name = "run"
     model: str | None = field(default=None, metadata={"help": "Full-precision checkpoint directory or Hub id. Default: the bundled demo model SmolLM2-135M-Instruct.", "aliases": ["--model_name_or_path"]})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start a new run in an --output_dir that holds an earlier run's results, removing what that run wrote (never other files)."})
+    chunked_loss: bool = field(default=True, metadata={"help": "Compute the loss in chunks of the supervised tokens, never holding full-vocabulary logits (checked against the model's own loss before training; off by itself where they differ, and under --use_liger_kernel)."})
+    offload_activations: bool = field(default=False, metadata={"help": "Keep the activation checkpoints in pinned host memory until backward (for long sequences on a GPU; slower)."})
 
 
 def training_defaults() -> dict:
@@ -65,9 +67,27 @@ class _Progress(TrainerCallback):
 
 
 class _Trainer(Trainer):
-    """transformers' Trainer, stopping at the first non-finite loss: its default NaN filter would log the running
-    mean instead and train on (exit 0, `train_loss 0.0`). Raised before the optimizer step, so the last complete
-    checkpoint stays the last good state."""
+    """transformers' Trainer with QMiLoRA's loss options (`qmilora.loss`), stopping at the first non-finite loss:
+    its default NaN filter would log the running mean instead and train on (exit 0, `train_loss 0.0`). Raised
+    before the optimizer step, so the last complete checkpoint stays the last good state."""
+
+    def __init__(self, *args, chunked_loss: bool = False, offload_activations: bool = False, **kwargs):
+        if chunked_loss:
+            kwargs["compute_loss_func"] = self._chunked_loss
+        super().__init__(*args, **kwargs)
+        self.offload_activations = offload_activations
+
+    def _chunked_loss(self, outputs, labels, num_items_in_batch=None):
+        head = self.model.get_output_embeddings()
+        return lm_loss.chunked_causal_lm_loss(head, outputs.hidden_states[-1], labels,
+                                              self.model.config.get_text_config().vocab_size, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.compute_loss_func is not None:
+            labels = inputs.get("labels")
+            inputs = {**lm_loss.hidden_state_inputs(inputs), "labels": labels}  # Trainer pops the labels
+        with lm_loss.offload(self.offload_activations and model.training):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -76,6 +96,19 @@ class _Trainer(Trainer):
             raise QMiLoRAError(f"the training loss became {loss.item()} at step {self.state.global_step + 1}; stopped "
                                f"(last complete checkpoint: {last or 'none'}); lower --learning_rate or check the data")
         return loss
+
+
+def _use_chunked_loss(run: RunConfig, args: TrainingArguments, model, collator, train_set) -> bool:
+    """The chunked loss where asked for and where it equals the model's own on the first training rows."""
+    if not run.chunked_loss or args.use_liger_kernel:
+        return False
+    batch = collator([train_set[i] for i in range(min(2, len(train_set)))])
+    device = next(p.device for p in model.parameters())
+    agree, own, ours = lm_loss.matches_model_loss(model, {k: v.to(device) for k, v in batch.items()})
+    if not agree:
+        log.warning("qmilora: the chunked loss (%.6g) differs from the model's own (%.6g) on this architecture; "
+                    "using the model's loss (full-vocabulary logits)", ours, own)
+    return agree
 
 
 def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingArguments):
@@ -131,9 +164,11 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
         folder.write_initial(model)
         folder.update(source=meta["source"], state="training")
     progress = _Progress(folder)
-    trainer = _Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                       data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8),
-                       processing_class=tokenizer, callbacks=[progress])
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)
+    chunked = _use_chunked_loss(run, args, model, collator, train_set)
+    trainer = _Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
+                       processing_class=tokenizer, callbacks=[progress], chunked_loss=chunked,
+                       offload_activations=run.offload_activations)
     if resume:
         log.info("qmilora: resuming from %s", resume)
     t0 = time.perf_counter()
@@ -146,7 +181,8 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
                # this session's tokens over this session's time (a resumed run did the rest earlier)
                "tokens_per_second": round((tokens - (progress.tokens_at_start or 0)) / max(wall, 1e-9), 1),
                "peak_memory_gb": round(_peak_gb(args), 3), "data_format": fmt, "train_rows": len(train_set),
-               "eval_rows": len(eval_set) if eval_set is not None else 0}
+               "eval_rows": len(eval_set) if eval_set is not None else 0,
+               "loss": "chunked" if chunked else ("liger" if args.use_liger_kernel else "model")}
     if eval_set is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]  # every process takes part
 

@@ -1,7 +1,6 @@
 """Every stored layout transformers loads: tiny random checkpoints of many causal-LM families, prepared through
 transformers' own loader, checked in float64 (issue 14)."""
 import json
-import os
 
 import pytest
 import torch

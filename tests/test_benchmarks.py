@@ -12,7 +12,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("script, args, rows", [
-    ("train.py", ["--shape", "tiny", "--seq", "32", "--steps", "2", "--warmup", "1", "--rank", "8"], 3),
+    ("train.py", ["--shape", "tiny", "--seq", "32", "--steps", "2", "--warmup", "1", "--rank", "8"], 5),
     ("prepare.py", ["--shape", "tiny", "--rank", "8"], 4),
     ("decompose.py", ["--shapes", "96x64", "--rank", "8", "--repeat", "1", "--model", "128,256,2"], 1),
 ])

@@ -1,0 +1,81 @@
+"""The causal-LM loss without full-vocabulary logits, and activation offload.
+
+transformers' loss materializes logits for every position, in float32, and keeps them (and their gradient) for
+backward: T·V·4 bytes per copy, e.g. 2048 tokens × 128,256 vocab ≈ 1 GB, 16.8 GB at 32k tokens. The same loss,
+
+    L = Σ_t CE(head(h_t), y_{t+1}) / N        (h: the model's last hidden states, N: supervised tokens)
+
+is computed here over the supervised positions only (responses, by default), in chunks of rows whose float32 logits
+fit CHUNK_BYTES; each chunk runs under activation checkpointing, so backward recomputes its logits instead of
+keeping them. Peak: one chunk of logits instead of all of them.
+
+It relies on the model returning its last hidden states (`output_hidden_states`) as the head sees them, and on
+`logits = head(h)` with nothing after it. Models that post-process logits (soft-capping, scaling) break that; so
+`matches_model_loss` compares it with the model's own loss on a real batch before training, and qmilora-train uses
+it only when they agree. On CUDA, `--use_liger_kernel` (transformers' Liger integration, a fused
+linear-cross-entropy kernel) is used instead when asked for.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+CHUNK_BYTES = 2**28  # float32 logits per chunk: 256 MiB, ~520 rows at a 128k vocabulary
+IGNORE = -100
+
+
+def chunked_causal_lm_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, vocab: int,
+                           num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' causal-LM loss (labels shifted left by one, -100 ignored, summed, divided by
+    `num_items_in_batch` or by the supervised count). hidden (B, T, H), labels (B, T) -> scalar float32."""
+    targets = F.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1).to(hidden.device)
+    keep = targets != IGNORE
+    rows, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
+    step = max(1, CHUNK_BYTES // (4 * vocab))
+    total = rows.sum() * 0.0  # keeps the graph when nothing is supervised
+    for i in range(0, rows.shape[0], step):
+        total = total + checkpoint(_chunk_loss, head, rows[i:i + step], targets[i:i + step], use_reentrant=False)
+    denominator = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+    if torch.is_tensor(denominator):
+        denominator = denominator.to(total.device)
+    return total.float() / denominator
+
+
+def _chunk_loss(head, rows, targets):
+    return F.cross_entropy(head(rows).float(), targets, reduction="sum")
+
+
+def hidden_state_inputs(inputs: dict) -> dict:
+    """The model's inputs for `chunked_causal_lm_loss`: no labels (no built-in loss), the last hidden states
+    returned, logits for one position only."""
+    return {**{k: v for k, v in inputs.items() if k != "labels"}, "output_hidden_states": True, "logits_to_keep": 1}
+
+
+@torch.no_grad()
+def matches_model_loss(model, batch: dict, rtol: float = 1e-3) -> tuple[bool, float, float]:
+    """Whether the chunked loss equals the model's own loss on `batch` (eval mode): (agree, own, chunked)."""
+    was_training = model.training
+    model.eval()
+    try:
+        own = float(model(**batch).loss)
+        try:
+            out = model(**hidden_state_inputs(batch))
+            hidden = out.hidden_states[-1]
+        except (TypeError, AttributeError, IndexError):  # no logits_to_keep / hidden states: cannot be used
+            return False, own, float("nan")
+        ours = float(chunked_causal_lm_loss(model.get_output_embeddings(), hidden, batch["labels"],
+                                            model.config.get_text_config().vocab_size))
+    finally:
+        model.train(was_training)
+    return abs(own - ours) <= rtol * abs(own) + 1e-6, own, ours
+
+
+def offload(enabled: bool):
+    """Keep the tensors autograd saves in the forward (with activation checkpointing: each block's input) in
+    pinned host memory until backward needs them."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
