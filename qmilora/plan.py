@@ -1,21 +1,26 @@
 """Memory plan for preparing and training a model, from its config alone (no weights are read).
 
 The model is built on the meta device, so every architecture transformers knows is counted from its real
-modules: linear weights (4-bit), the rest (fp32 after k-bit preparation, as QLoRA), adapters r·(in+out) per target.
+modules: linear weights (4-bit), the rest (frozen, in the compute dtype), adapters r·(in+out) per target.
 
     bytes per 4-bit weight:  1/2 (codes) + absmax: 4/blocksize, or with double quantization
                              1/blocksize (8-bit absmax) + 4/(256·blocksize) (their fp32 scales, blocks of 256)
     training:  weights + adapters·(4 param + 4 grad + optimizer state) + activations + logits
                (+ adapters·4 on each of several data-parallel GPUs: DDP's gradient buckets)
-    activations (per micro-batch token): checkpointed layer inputs L·h·2 bytes, plus one layer recomputed
-               (≈ 34·h + 5·heads·T bytes per token without fused attention, 34·h with it)
-    logits:    T·vocab·4 bytes for the float32 logits, ×3 (logits, log-softmax, their gradient)
+    activations (per micro-batch token): checkpointed layer inputs L·h·2 bytes (in host memory with
+               offload), plus one layer recomputed (≈ 34·h + 5·heads·T bytes per token without fused attention,
+               34·h with it)
+    logits:    float32, ×3 (logits, log-softmax, their gradient): T·vocab·4 bytes each with the model's loss,
+               one chunk (loss.CHUNK_BYTES) with the chunked loss
+
+QLoRA's column is the same model as PEFT + transformers train it: the frozen rest upcast to float32 by
+prepare_model_for_kbit_training, the model's loss, adapters on the same targets.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import interop
+from . import interop, loss as lm_loss
 from .config import QMiLoRAConfig
 
 GB = 2**30
@@ -32,6 +37,8 @@ class PlanConfig:
     optim: str = field(default="paged_adamw_8bit", metadata={"help": "Optimizer, as in TrainingArguments."})
     fused_attention: bool = field(default=True, metadata={"help": "SDPA/flash attention (no T×T score matrices kept)."})
     gpu_memory: str = field(default="24GB", metadata={"help": "Card size to check the plan against, e.g. 24GB."})
+    chunked_loss: bool = field(default=True, metadata={"help": "The chunked loss (qmilora-train's default): one chunk of float32 logits instead of all."})
+    offload_activations: bool = field(default=False, metadata={"help": "Activation checkpoints in host memory (qmilora-train --offload_activations)."})
     num_gpus: int = field(default=1, metadata={"help": "Data-parallel processes (torchrun / accelerate launch): each GPU holds the whole 4-bit model plus DDP's gradient buckets."})
 
     def __post_init__(self) -> None:
@@ -74,30 +81,37 @@ def count(hf_config, target_modules: list[str], rank: int) -> dict:
 
 
 def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
-    """The memory plan of training `hf_config`'s model as `qcfg` decomposes it, with `cfg`'s training settings."""
+    """The memory plan of training `hf_config`'s model as `qcfg` decomposes it, with `cfg`'s training settings;
+    `qlora_*` keys: QLoRA (PEFT's k-bit preparation, the model's loss) on the same settings."""
     c = count(hf_config, qcfg.target_modules, qcfg.rank)
-    weights = c["linear"] * bytes_per_4bit_weight(qcfg.blocksize, qcfg.double_quant) + c["other"] * 4
+    four_bit = c["linear"] * bytes_per_4bit_weight(qcfg.blocksize, qcfg.double_quant)
+    weights = four_bit + c["other"] * qcfg.torch_compute_dtype.itemsize
     adapter_params = qcfg.rank * c["adapter_in_out"]
     optimizer_bytes = _OPTIMIZER_BYTES.get(cfg.optim, 8)
     adapters = adapter_params * 4
     grads_and_optimizer = adapter_params * (4 + optimizer_bytes + (4 if cfg.num_gpus > 1 else 0))
     tokens = cfg.max_seq_length * cfg.per_device_train_batch_size
     per_layer = tokens * (34 * c["hidden"] + (0 if cfg.fused_attention else 5 * c["heads"] * cfg.max_seq_length))
-    if cfg.gradient_checkpointing:
-        activations = c["layers"] * tokens * c["hidden"] * 2 + per_layer
-    else:
-        activations = c["layers"] * per_layer
-    logits = 3 * tokens * c["vocab"] * 4
+    checkpoints = c["layers"] * tokens * c["hidden"] * 2 if cfg.gradient_checkpointing else 0
+    layers_kept = per_layer if cfg.gradient_checkpointing else c["layers"] * per_layer
+    activations = layers_kept + (0 if cfg.offload_activations else checkpoints)
+    full_logits = 3 * tokens * c["vocab"] * 4
+    logits = 3 * min(tokens * c["vocab"] * 4, max(lm_loss.CHUNK_BYTES, c["vocab"] * 4)) if cfg.chunked_loss else full_logits
     out_f, in_f = c["largest_linear"]
     k = min(out_f, in_f)
     # one weight on the device during preparation: fp32 copy, float64 copy, Gram matrix and eigensolver work
     svd_workspace = out_f * in_f * (4 + 8 + 4) + k * k * 8 * 3
     prepare_peak = weights + adapters + svd_workspace
     train_peak = weights + adapters + grads_and_optimizer + activations + logits
+    # QLoRA's float32 embeddings keep the residual stream (the checkpointed layer inputs) in float32
+    qlora_train_peak = (four_bit + c["other"] * 4 + adapters + grads_and_optimizer + layers_kept + 2 * checkpoints
+                        + full_logits)
     return {"quantized_weights_gb": weights / GB, "adapter_params": adapter_params, "adapters_gb": adapters / GB,
             "grads_and_optimizer_gb": grads_and_optimizer / GB, "activations_gb": activations / GB,
+            "offloaded_gb": (checkpoints if cfg.offload_activations else 0) / GB,
             "logits_gb": logits / GB, "svd_workspace_gb": svd_workspace / GB, "prepare_peak_gb": prepare_peak / GB,
-            "train_peak_gb": train_peak / GB, "gpu_gb": parse_size(cfg.gpu_memory) / GB,
+            "train_peak_gb": train_peak / GB, "qlora_train_peak_gb": qlora_train_peak / GB,
+            "gpu_gb": parse_size(cfg.gpu_memory) / GB,
             "num_gpus": cfg.num_gpus, "global_batch_tokens": tokens * cfg.num_gpus,
             "fits": max(prepare_peak, train_peak) <= parse_size(cfg.gpu_memory)}
 

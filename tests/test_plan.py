@@ -47,6 +47,42 @@ def test_counts_match_the_prepared_model(even_ckpt, tmp_path):
         assert c["other"] == other
 
 
+def test_frozen_bytes_follow_the_compute_dtype(even_ckpt, tmp_path):
+    """The frozen non-4-bit tensors (embeddings, head, norms) take compute-dtype bytes, byte-exact."""
+    from qmilora import QMiLoRAConfig
+
+    hf = AutoConfig.from_pretrained(even_ckpt)
+    for dtype in ("float32", "bfloat16"):
+        qcfg = QMiLoRAConfig(rank=8, compute_dtype=dtype, cache_dir=str(tmp_path))
+        model = prepare_model(even_ckpt, qcfg)
+        layers = [m for m in model.modules() if is_4bit_linear(m)]
+        four_bit = sum(m.weight.numel() * m.weight.element_size() + state_bytes(m.weight.quant_state) for m in layers)
+        other = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                    if "lora_" not in n and p.dtype != torch.uint8)
+        p = plan(PlanConfig(model=even_ckpt), qcfg, hf)
+        per_layer_constants = len(layers) * (16 + 256 + 1) * 4
+        assert p["quantized_weights_gb"] * 2**30 == pytest.approx(four_bit + other - per_layer_constants, abs=1)
+
+
+def test_memory_options_in_the_plan(even_ckpt, capsys, monkeypatch):
+    from qmilora import QMiLoRAConfig, loss
+
+    monkeypatch.setattr(loss, "CHUNK_BYTES", 2**20)  # the tiny vocabulary's logits: many chunks
+    hf = AutoConfig.from_pretrained(even_ckpt)
+    q = QMiLoRAConfig(rank=8, compute_dtype="bfloat16")
+    long = dict(model=even_ckpt, max_seq_length=2**16)  # logits of 2^16 tokens: far more than one chunk
+    full = plan(PlanConfig(**long, chunked_loss=False), q, hf)
+    chunked = plan(PlanConfig(**long), q, hf)
+    offloaded = plan(PlanConfig(**long, offload_activations=True), q, hf)
+    assert full["logits_gb"] == pytest.approx(3 * 2**16 * 64 * 4 / 2**30) and chunked["logits_gb"] < full["logits_gb"]
+    assert offloaded["activations_gb"] + offloaded["offloaded_gb"] == pytest.approx(chunked["activations_gb"])
+    assert chunked["qlora_train_peak_gb"] > full["train_peak_gb"] > chunked["train_peak_gb"]
+    tight = plan(PlanConfig(**long), q, hf)["train_peak_gb"] * 0.99  # just too small without offload
+    assert plan_main(["--model", even_ckpt, "--rank", "8", "--max_seq_length", str(2**16), "--gpu_memory",
+                      f"{tight * 1024:.1f}MB"]) == 0
+    assert "fits with --offload_activations true" in capsys.readouterr().out
+
+
 def test_plan_arithmetic_and_cli(even_ckpt, capsys):
     from qmilora import QMiLoRAConfig
 

@@ -1,10 +1,13 @@
-"""qmilora-plan: expected peak GPU memory for preparing and training a model, from its config.json alone."""
+"""qmilora-plan: expected peak GPU memory for preparing and training a model, from its config.json alone, beside
+QLoRA's for the same settings. It plans for a GPU: the compute dtype is bfloat16 unless --compute_dtype says."""
 from __future__ import annotations
 
 import sys
 
 from . import parse_flags, run
 from ..config import QMiLoRAConfig
+from dataclasses import replace
+
 from ..plan import PlanConfig, plan
 
 
@@ -14,25 +17,51 @@ def main(argv: list[str] | None = None) -> int:
 
         from ..checkpoint import refuse_quantized_config, resolve_config
 
-        cfg, qcfg = parse_flags("qmilora-plan", (PlanConfig, QMiLoRAConfig), sys.argv[1:] if argv is None else argv,
-                                __doc__)
+        args = sys.argv[1:] if argv is None else argv
+        cfg, qcfg = parse_flags("qmilora-plan", (PlanConfig, QMiLoRAConfig), args, __doc__)
+        if not any(a.split("=")[0] == "--compute_dtype" for a in args):
+            qcfg.compute_dtype = "bfloat16"
         hf_config = AutoConfig.from_pretrained(resolve_config(cfg.model))
         refuse_quantized_config(hf_config)
         p = plan(cfg, qcfg, hf_config)
-        rows = [("4-bit weights + quant states + fp32 rest", p["quantized_weights_gb"]),
+        rows = [(f"4-bit weights, quant states, rest in {qcfg.compute_dtype}", p["quantized_weights_gb"]),
                 ("adapters (fp32)", p["adapters_gb"]), ("adapter grads + optimizer state", p["grads_and_optimizer_gb"]),
-                ("activations", p["activations_gb"]), ("logits", p["logits_gb"]),
+                ("activations" + (f" ({p['offloaded_gb']:.2f} GB offloaded to host)" if cfg.offload_activations else ""),
+                 p["activations_gb"]),
+                ("logits" + (" (chunked loss)" if cfg.chunked_loss else " (model's loss)"), p["logits_gb"]),
                 ("one weight's SVD workspace (prepare)", p["svd_workspace_gb"])]
         for label, gb in rows:
-            print(f"{label:<42} {gb:8.2f} GB")
-        print(f"{'peak while preparing':<42} {p['prepare_peak_gb']:8.2f} GB")
-        print(f"{'peak while training':<42} {p['train_peak_gb']:8.2f} GB")
+            print(f"{label:<50} {gb:8.2f} GB")
+        print(f"{'peak while preparing':<50} {p['prepare_peak_gb']:8.2f} GB")
+        print(f"{'peak while training':<50} {p['train_peak_gb']:8.2f} GB")
+        print(f"{'QLoRA, same settings (PEFT k-bit, fp32 rest)':<50} {p['qlora_train_peak_gb']:8.2f} GB")
         verdict = "fits" if p["fits"] else "does NOT fit"
         per = f" per GPU, on each of {p['num_gpus']} (data parallel: {p['global_batch_tokens']:,} tokens per step)" \
             if p["num_gpus"] > 1 else ""
         print(f"{p['adapter_params']:,} trainable parameters; {verdict} in {p['gpu_gb']:.0f} GB{per}")
+        if not p["fits"]:
+            print(advice(cfg, qcfg, hf_config))
 
     return run("qmilora-plan", body)
+
+
+def advice(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> str:
+    """What would fit: the memory options first, then the longest sequence (a power of two) with them."""
+    options = replace(cfg, chunked_loss=True, offload_activations=True)
+    if plan(options, qcfg, hf_config)["fits"]:
+        flags = [f for f, on in (("--chunked_loss true", not cfg.chunked_loss),
+                                 ("--offload_activations true", not cfg.offload_activations)) if on]
+        for flag in flags:  # the cheapest single option that is enough
+            single = replace(cfg, **{flag.split()[0][2:]: True})
+            if plan(single, qcfg, hf_config)["fits"]:
+                return f"fits with {flag}"
+        return "fits with " + " ".join(flags)
+    seq = cfg.max_seq_length
+    while seq > 1 and not plan(replace(options, max_seq_length=seq), qcfg, hf_config)["fits"]:
+        seq //= 2
+    if seq >= 1 and plan(replace(options, max_seq_length=seq), qcfg, hf_config)["fits"]:
+        return f"fits with --max_seq_length {seq} --chunked_loss true --offload_activations true"
+    return "does not fit at any sequence length: the weights alone exceed the card"
 
 
 if __name__ == "__main__":
