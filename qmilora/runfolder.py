@@ -137,7 +137,9 @@ class RunFolder:
                     continue  # the record names entries of this folder only; anything else is not ours to remove
                 path = os.path.join(self.path, name)
                 shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
-        self.write_meta({**meta, "schema": SCHEMA, "state": "training" if resume else "preparing"})
+        # a resumed run keeps the record of the files an earlier completion wrote: its own to replace
+        kept = {"files": (self.meta() or {}).get("files", [])} if resume else {}
+        self.write_meta({**meta, **kept, "schema": SCHEMA, "state": "training" if resume else "preparing"})
 
     def write_meta(self, meta: dict) -> None:
         checkpoint.write_atomic(self.meta_path, json.dumps(meta, indent=2, default=str).encode())
@@ -163,10 +165,19 @@ class RunFolder:
         """`write_files(tmp)` writes the final files; they replace this run's earlier ones; qmilora.json goes last,
         marking the run complete only once the adapter beside it is final."""
         checkpoint.remove_stale_temporaries(self.path)
+        ours = set((self.meta() or {}).get("files") or [])  # what an earlier, completed run of this folder wrote
         tmp = tempfile.mkdtemp(dir=self.path, prefix=f".final{checkpoint._TMP}{os.getpid()}-")
         try:
             write_files(tmp)
             names = sorted(os.listdir(tmp))
+            foreign = [n for n in names if n not in ours and os.path.lexists(os.path.join(self.path, n))]
+            if foreign:  # someone put these here while the run trained: never replace them
+                kept = os.path.join(self.path, f"final-outputs-{os.getpid()}")
+                os.rename(tmp, kept)
+                raise QMiLoRAError(f"{self.path} now holds {', '.join(foreign)}, which this run did not write; it "
+                                   f"replaced nothing: the trained adapter and the other final files are in {kept} "
+                                   "(move them into place, or your files away and resume with "
+                                   "--resume_from_checkpoint true)")
             for name in names:
                 dest = os.path.join(self.path, name)
                 if os.path.isdir(dest):

@@ -164,6 +164,32 @@ def test_run_folder_is_never_stale_and_never_overwrites_user_files(tiny_llm, tmp
     assert "content differs" in one_line_error(capsys, "qmilora-export")
 
 
+def test_final_files_never_replace_files_a_user_added_during_training(tiny_llm, tmp_path, cache, capsys,
+                                                                       monkeypatch):
+    import qmilora.train
+
+    out = tmp_path / "run"
+    real = qmilora.train.RunFolder.finish
+
+    def user_adds_a_readme(self, write_files, meta):
+        (out / "README.md").write_text("my notes")  # written while the run trained
+        return real(self, write_files, meta)
+
+    monkeypatch.setattr(qmilora.train.RunFolder, "finish", user_adds_a_readme)
+    assert train_main(argv(tiny_llm, out, cache)) == 1
+    line = one_line_error(capsys)
+    assert "README.md, which this run did not write" in line
+    assert (out / "README.md").read_text() == "my notes" and not (out / "adapter_model.safetensors").exists()
+    kept = [n for n in os.listdir(out) if n.startswith("final-outputs-")]
+    assert len(kept) == 1 and (out / kept[0] / "adapter_model.safetensors").exists()
+    assert json.load(open(out / "qmilora.json"))["state"] == "training"
+    # a completed run's own files are replaced by its continuation without complaint
+    monkeypatch.setattr(qmilora.train.RunFolder, "finish", real)
+    done = tmp_path / "done"
+    assert train_main(argv(tiny_llm, done, cache)) == 0
+    assert train_main(argv(tiny_llm, done, cache, "--max_steps", "3", "--resume_from_checkpoint", "true")) == 0
+
+
 def test_non_finite_loss_stops_training_keeping_the_last_checkpoint(tiny_llm, tmp_path, cache, capsys):
     out = tmp_path / "run"
     rc = train_main(argv(tiny_llm, out, cache, "--max_steps", "30", "--learning_rate", "1e30",
