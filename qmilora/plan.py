@@ -58,10 +58,11 @@ def count(hf_config, target_modules: list[str], rank: int) -> dict:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .prepare import linear_layers, resolve_targets
+    from .prepare import linear_layers, refuse_unsupported, resolve_targets
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config)
+    refuse_unsupported(model)  # what preparation refuses has no plan
     layers = linear_layers(model)
     targets, _ = resolve_targets(model, set(layers), target_modules, rank)
     linear, adapter, largest = 0, 0, (0, 0)

@@ -216,7 +216,7 @@ def skeleton(hf_config, cfg: QMiLoRAConfig) -> Skeleton:
                           dtype=dtype)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    _refuse_unsupported(model)
+    refuse_unsupported(model)
     if cfg.quantize:
         # the surgery from_pretrained will do (transformers' own, plus linear subclasses)
         interop.install_4bit_layers(model, job, cfg.resolved_device)
@@ -243,7 +243,7 @@ def resolve_targets(model: torch.nn.Module, layers: set[str], target_modules: li
     return set(layers) - set(excluded), excluded
 
 
-def _refuse_unsupported(model: torch.nn.Module) -> None:
+def refuse_unsupported(model: torch.nn.Module) -> None:
     """Weights that are neither linear layers nor embeddings (MoE experts fused into 3-D parameters, convolutions)
     would stay in full precision and unadapted: refused by name until they are supported."""
     for name, param in model.named_parameters():
