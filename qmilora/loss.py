@@ -6,8 +6,11 @@ backward: T·V·4 bytes per copy, e.g. 2048 tokens × 128,256 vocab ≈ 1 GB, 16
     L = Σ_t CE(head(h_t), y_{t+1}) / N        (h: the model's last hidden states, N: supervised tokens)
 
 is computed here over the supervised positions only (responses, by default), in chunks of rows whose float32 logits
-fit CHUNK_BYTES; each chunk runs under activation checkpointing, so backward recomputes its logits instead of
-keeping them. Peak: one chunk of logits instead of all of them.
+fit CHUNK_BYTES. With a frozen linear head (the usual case) each chunk's gradient is taken in the forward pass,
+since the loss is the last operation: ∂L/∂h = (softmax(h·Wᵀ + b) − onehot(y))·W, kept (N×H, small) and scaled by
+the incoming gradient in backward; the same two matmuls per row as the model's loss, no recompute. A trainable head
+(LoRA on lm_head) runs each chunk under activation checkpointing instead: backward recomputes its logits. Peak:
+one chunk of logits instead of all of them.
 
 It relies on the model returning its last hidden states (`output_hidden_states`) as the head sees them, and on
 `logits = head(h)` with nothing after it. Models that post-process logits (soft-capping, scaling) break that; so
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-CHUNK_BYTES = 2**28  # float32 logits per chunk: 256 MiB, ~520 rows at a 128k vocabulary
+CHUNK_BYTES = 2**26  # float32 logits per chunk: 64 MiB, ~130 rows at a 128k vocabulary
 IGNORE = -100
 
 
@@ -35,13 +38,41 @@ def chunked_causal_lm_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: 
     keep = targets != IGNORE
     rows, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
     step = max(1, CHUNK_BYTES // (4 * vocab))
-    total = rows.sum() * 0.0  # keeps the graph when nothing is supervised
-    for i in range(0, rows.shape[0], step):
-        total = total + checkpoint(_chunk_loss, head, rows[i:i + step], targets[i:i + step], use_reentrant=False)
+    if type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters()):
+        total = _FrozenHeadCrossEntropy.apply(rows, head.weight, head.bias, targets, step)
+    else:
+        total = rows.sum() * 0.0  # keeps the graph when nothing is supervised
+        for i in range(0, rows.shape[0], step):
+            total = total + checkpoint(_chunk_loss, head, rows[i:i + step], targets[i:i + step], use_reentrant=False)
     denominator = num_items_in_batch if num_items_in_batch is not None else keep.sum()
     if torch.is_tensor(denominator):
         denominator = denominator.to(total.device)
     return total.float() / denominator
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Σ CE(rows·Wᵀ + b, targets) for a frozen head; the gradient w.r.t. rows is computed chunk by chunk here."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, targets, step):
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        grad = torch.zeros_like(rows) if ctx.needs_input_grad[0] else None
+        for i in range(0, rows.shape[0], step):
+            y = targets[i:i + step]
+            logits = F.linear(rows[i:i + step], weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(y.shape[0], device=y.device), y] -= 1
+                grad[i:i + step] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None, None
 
 
 def _chunk_loss(head, rows, targets):

@@ -11,21 +11,24 @@ pytestmark = pytest.mark.slow  # subprocesses that each import the stack again
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
-@pytest.mark.parametrize("script, args, rows", [
-    ("train.py", ["--shape", "tiny", "--seq", "32", "--steps", "2", "--warmup", "1", "--rank", "8"], 5),
-    ("prepare.py", ["--shape", "tiny", "--rank", "8"], 4),
-    ("decompose.py", ["--shapes", "96x64", "--rank", "8", "--repeat", "1", "--model", "128,256,2"], 1),
-])
-def test_benchmark_runs(tmp_path, script, args, rows):
-    env = {**os.environ, "QMILORA_BENCH_RESULTS": str(tmp_path), "TQDM_DISABLE": "1"}
-    out = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], cwd=BENCH, env=env,
-                         capture_output=True, text=True, timeout=600)
+def test_gpu_suite_runs_at_tiny_shapes_on_cpu(tmp_path):
+    """benchmarks/gpu_suite.sh --tiny: every GPU-suite step (solver, preparation, training, plan check) at tiny
+    shapes, so the suite a GPU session runs cannot rot."""
+    env = {**os.environ, "QMILORA_BENCH_RESULTS": str(tmp_path), "TQDM_DISABLE": "1",
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    out = subprocess.run(["bash", os.path.join(BENCH, "gpu_suite.sh"), "--tiny"], env=env, capture_output=True,
+                         text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
-    (result,) = [json.load(open(tmp_path / f)) for f in os.listdir(tmp_path)]
-    assert len(result["rows"]) == rows and result["machine"]["torch"] and result["machine"]["command"]
-    assert "| " in out.stdout  # the markdown table
-    if script == "prepare.py":
-        assert "content identity" in out.stdout
+    results = {f: json.load(open(tmp_path / f)) for f in os.listdir(tmp_path)}
+    assert set(results) == {"decompose-cpu.json", "prepare-tiny-cpu.json", "train-tiny-cpu.json",
+                            "plan-check-cpu.json"}, sorted(results)
+    for name, result in results.items():
+        assert result["rows"] and result["machine"]["torch"] and result["machine"]["command"], name
+    methods = [r["method"] for r in results["train-tiny-cpu.json"]["rows"]]
+    assert methods[:3] == ["qlora", "qmilora-model-loss", "qmilora"]
+    assert {r["method"] for r in results["plan-check-cpu.json"]["rows"]} == {"qmilora", "qmilora-model-loss",
+                                                                          "qmilora-auto"}
+    assert out.stdout.count("| ") > 10 and "content identity" in out.stdout  # the markdown tables
 
 
 def test_quality_runs(tmp_path, tiny_llm):

@@ -63,6 +63,29 @@ def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_ckpt, cache, mon
     assert lm_loss.matches_model_loss(model, b)[0]
 
 
+def test_chunked_loss_with_a_trainable_head_equals_the_models(tiny_ckpt, cache, monkeypatch):
+    """A head that trains (not the frozen fast path) runs its chunks under checkpointing: same loss and gradients,
+    the head's own included."""
+    model = prepare_model(tiny_ckpt[0], QMiLoRAConfig(rank=4, lora_dropout=0.0, cache_dir=cache))
+    model.train()
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(True)
+    b = batch(model.config.vocab_size)
+    own = model(**b).loss
+    own.backward()
+    reference = {**adapter_grads(model)}
+    model.zero_grad()
+    monkeypatch.setattr(lm_loss, "CHUNK_BYTES", 5 * 4 * model.config.vocab_size)
+    out = model(**lm_loss.hidden_state_inputs(b))
+    ours = lm_loss.chunked_causal_lm_loss(head, out.hidden_states[-1], b["labels"], model.config.vocab_size)
+    ours.backward()
+    torch.testing.assert_close(ours, own, rtol=1e-6, atol=1e-7)
+    grads = adapter_grads(model)
+    assert any("lm_head" in n for n in grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, reference[name], rtol=1e-5, atol=1e-8)
+
+
 def test_chunked_loss_is_refused_where_the_model_post_processes_logits():
     """Gemma 2 soft-caps its logits after the head: the check (not the architecture's name) turns it off."""
     torch.manual_seed(0)
