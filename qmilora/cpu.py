@@ -86,3 +86,17 @@ def solver_limits(shape: tuple[int, int], threads: int):
             yield n
     finally:
         torch.set_num_threads(previous)
+
+
+def slow_half_precision(dtype: torch.dtype) -> bool:
+    """Whether bf16/fp16 matmuls on this CPU fall back to torch's scalar GEMM (no AVX512-BF16/FP16 or AMX): measured
+    on this project's AVX2 machine, a 512×256 by 256×128,256 product took 5.3 s in bf16 against 0.78 s in float32,
+    and a training step of `benchmarks/train.py --shape bigvocab` ran 41× slower (`train-bigvocab-cpu-bfloat16.json`)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        check = torch.ops.mkldnn._is_mkldnn_bf16_supported if dtype == torch.bfloat16 else \
+            torch.ops.mkldnn._is_mkldnn_fp16_supported
+        return not check()
+    except (AttributeError, RuntimeError):
+        return False

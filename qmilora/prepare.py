@@ -76,6 +76,9 @@ def prepare_model(model: str | os.PathLike | PreTrainedModel, config: QMiLoRACon
 
 def _prepare(model, cfg: QMiLoRAConfig) -> PeftModel:
     t0 = time.perf_counter()
+    if cfg.resolved_device.type == "cpu" and cpu.slow_half_precision(cfg.torch_compute_dtype):
+        log.warning("qmilora: this CPU has no %s matrix instructions; torch runs such matmuls far slower than float32 "
+                    "(tens of times, measured): consider compute_dtype float32 here", cfg.compute_dtype)
     if model == DEMO:
         from .demo import demo_model_dir
 

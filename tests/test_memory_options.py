@@ -124,3 +124,17 @@ def test_training_is_the_same_with_every_memory_option(tiny_llm, tmp_path, cache
         a, b = load_file(out / "adapter_model.safetensors"), load_file(plain / "adapter_model.safetensors")
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_half_precision_on_a_cpu_without_its_instructions_is_flagged(tiny_ckpt, cache, monkeypatch, caplog):
+    from qmilora import cpu
+
+    assert not cpu.slow_half_precision(torch.float32)
+    monkeypatch.setattr(cpu, "slow_half_precision", lambda dtype: dtype == torch.bfloat16)
+    with caplog.at_level("WARNING", logger="qmilora"):
+        prepare_model(tiny_ckpt[0], QMiLoRAConfig(rank=4, compute_dtype="bfloat16", cache_dir=cache))
+    assert "no bfloat16 matrix instructions" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qmilora"):
+        prepare_model(tiny_ckpt[0], QMiLoRAConfig(rank=4, compute_dtype="float32", cache_dir=cache))
+    assert "matrix instructions" not in caplog.text
