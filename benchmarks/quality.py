@@ -7,9 +7,16 @@ steps, schedule, batch and rank for every method; each (method, seed) trains in 
     python benchmarks/quality.py --methods qlora,qmilora --seeds 0      # one timing run
     python benchmarks/quality.py --threads 1     # a CPU shared with other jobs: 2 OpenMP threads there run ~3-10x slower
     python benchmarks/quality.py --model DIR --steps 600 --batch 16 --rank 64 --tag 1b-cuda   # a GPU
+    python benchmarks/quality.py --methods qlora,qmilora,qpissa --lrs 1e-4,5e-4,2e-3 --seeds 0   # an LR sweep
+    python benchmarks/quality.py --degrid ...    # control: the demo's weights moved off their Q4_1 grid (init_gap.py)
 
-Prints a markdown table per method (mean ± std over seeds) and writes benchmarks/results/quality-<tag>.json (per-seed
-rows, aggregates, machine, versions, command) and quality-<tag>.png (task EM against news perplexity after training).
+Methods learn at different speeds at one learning rate, so `--lrs` sweeps learning rates x methods x seeds (the base
+model is measured once). Prints a markdown table per (method, lr) (mean ± std over seeds; forgetting both as the
+perplexity after training and as its change from the method's own init) and writes
+benchmarks/results/quality-<tag>.json (per-run rows with method, lr, seed, variant, task; aggregates; the `missing`
+(method, lr, seed) cells of the requested grid; machine, versions, command), rewritten after every run, and
+quality-<tag>.png: task EM against news perplexity after training, one line per method through its learning rates,
+the base model as a star. Up-left is better: more task learned for less forgetting.
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ import texts
 from common import RESULTS, table, write
 from qmilora import QMiLoRAConfig, prepare_model
 from qmilora.data import DataConfig, build_dataset
-from qmilora.demo import demo_model_dir
+from qmilora.demo import NAME as DEMO_NAME, demo_model_dir
 from qmilora.quantize import keep_training_layout
 
 MONTHS = ("January February March April May June July August September October November December").split()
@@ -42,6 +49,7 @@ STYLES = (lambda d, m, y: f"{MONTHS[m - 1]} {d}, {y}", lambda d, m, y: f"{d} {MO
           lambda d, m, y: f"{MONTHS[m - 1][:3]} {d} {y}", lambda d, m, y: f"the {ordinal(d)} of {MONTHS[m - 1]}, {y}",
           lambda d, m, y: f"{MONTHS[m - 1]} {ordinal(d)}, {y}", lambda d, m, y: f"{d}-{MONTHS[m - 1][:3]}-{y}")
 PROMPT = "Rewrite the date in ISO 8601 format (YYYY-MM-DD): {}"
+TASK = "dates-iso8601"
 
 
 def ordinal(d: int) -> str:
@@ -145,7 +153,7 @@ def exact_match(model, tok, rows: list[dict], batch: int = 25, max_new_tokens: i
     return hits / len(rows)
 
 
-def run(method: str, seed: int, args, train_set, tok, test: list[dict], windows: dict) -> dict:
+def run(method: str, seed: int, lr: float, args, train_set, tok, test: list[dict], windows: dict) -> dict:
     t0 = time.perf_counter()
     model = METHODS[method](args.model, args.rank, seed, args.device)
     keep_training_layout(model)  # bitsandbytes' CPU inference repack would stop gradients after the eval below
@@ -154,14 +162,15 @@ def run(method: str, seed: int, args, train_set, tok, test: list[dict], windows:
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable), f"{method}: trains {trainable[:3]}"
     bases = [m.get_base_layer() for m in model.modules() if isinstance(m, LoraLayer)]
-    row = {"method": method, "seed": seed, "build_s": time.perf_counter() - t0,
+    row = {"method": method, "lr": lr, "seed": seed, "variant": args.variant, "task": TASK,
+           "build_s": time.perf_counter() - t0,
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "base_4bit_layers": f"{sum(isinstance(b, bnb.nn.Linear4bit) for b in bases)}/{len(bases)}"}
     row.update({f"ppl_{s}_init": texts.perplexity(model, w, tok) for s, w in windows.items()})
     cuda = torch.device(args.device).type == "cuda"
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
-            output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
+            output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=lr,
             lr_scheduler_type="cosine", warmup_steps=0.03, optim="adamw_torch", seed=seed, save_strategy="no",
             logging_steps=max(1, args.steps // 10), report_to="none", disable_tqdm=True, use_cpu=not cuda,
             bf16=cuda and torch.cuda.is_bf16_supported(), remove_unused_columns=False)
@@ -184,33 +193,58 @@ def run(method: str, seed: int, args, train_set, tok, test: list[dict], windows:
 
 
 def summarize(rows: list[dict], base: dict, sources: list[str]) -> list[dict]:
-    """Per method: mean and std over seeds of every number, plus ppl after training minus the fp32 base's."""
+    """Per (method, lr), methods in first-seen order, lrs ascending: mean and std over seeds of every number, the
+    change of perplexity from the method's own init (after - init, per run, then mean and std), and the perplexity
+    after training minus the fp32 base's."""
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        keys = ["em", "train_loss", "seconds"] + [f"ppl_{s}_{w}" for s in sources for w in ("init", "after")]
-        agg = {"method": method, "seeds": len(mine)}
-        for k in keys:
-            xs = [r[k] for r in mine]
-            agg[k], agg[k + "_std"] = statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
-        for s in sources:
-            agg[f"dppl_{s}"] = agg[f"ppl_{s}_after"] - base[f"ppl_{s}"]
-        out.append(agg)
+        for lr in sorted({r["lr"] for r in rows if r["method"] == method}):
+            mine = [r for r in rows if r["method"] == method and r["lr"] == lr]
+            mine = [{**r, **{f"ppl_{s}_delta": r[f"ppl_{s}_after"] - r[f"ppl_{s}_init"] for s in sources}} for r in mine]
+            keys = ["em", "train_loss", "seconds"] + [f"ppl_{s}_{w}" for s in sources for w in ("init", "after", "delta")]
+            agg = {"method": method, "lr": lr, "seeds": len(mine)}
+            for k in keys:
+                xs = [r[k] for r in mine]
+                agg[k], agg[k + "_std"] = statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+            for s in sources:
+                agg[f"dppl_{s}"] = agg[f"ppl_{s}_after"] - base[f"ppl_{s}"]
+            out.append(agg)
     return out
 
 
-def plot(summary: list[dict], base: dict, source: str, path: str) -> None:
+def missing_cells(rows: list[dict], grid) -> list[dict]:
+    """The (method, lr, seed) cells of the requested grid that no row holds, in grid order."""
+    done = {(r["method"], r["lr"], r["seed"]) for r in rows}
+    return [{"method": m, "lr": lr, "seed": s} for m, lr, s in grid if (m, lr, s) not in done]
+
+
+def plot(summary: list[dict], base: dict, source: str, path: str, title: str = "") -> None:
+    """Task EM against `source` perplexity after training: one line per method through its lrs (each point labelled
+    with its lr, error bars over seeds where there are several), the base model as a star. Up-left is better."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for a in summary:
-        ax.errorbar(a[f"ppl_{source}_after"], a["em"], xerr=a[f"ppl_{source}_after_std"], yerr=a["em_std"],
-                    fmt="o", capsize=3, label=a["method"])
-    ax.scatter([base[f"ppl_{source}"]], [base["em"]], marker="*", s=150, color="black", label="base (fp32)", zorder=3)
-    ax.set(xlabel=f"{source} perplexity after training (lower = less forgetting)", ylabel="date task exact match")
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    for method in dict.fromkeys(a["method"] for a in summary):
+        mine = [a for a in summary if a["method"] == method]  # lrs ascending (summarize)
+        xs, ys = [a[f"ppl_{source}_after"] for a in mine], [a["em"] for a in mine]
+        seeds = max(a["seeds"] for a in mine)
+        bars = {"xerr": [a[f"ppl_{source}_after_std"] for a in mine], "yerr": [a["em_std"] for a in mine]} if seeds > 1 else {}
+        line = ax.errorbar(xs, ys, fmt="o-", capsize=3, label=f"{method} (n={seeds})" if seeds > 1 else method, **bars)
+        for a, x, y in zip(mine, xs, ys):
+            ax.annotate(f"{a['lr']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=line[0].get_color())
+    ax.scatter([base[f"ppl_{source}"]], [base["em"]], marker="*", s=150, color="black", label=base["method"], zorder=3)
+    ax.set(xlabel=f"{source} perplexity after training (lower = less forgetting)", ylabel="date task exact match",
+           title=title)
+    ax.set_xscale("log")  # perplexity is exp(loss): a log axis is the loss axis, and one collapsed run stays readable
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 3, 5)))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -224,7 +258,10 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=5e-4, help="one learning rate (the single-value form of --lrs)")
+    p.add_argument("--lrs", help="comma-separated learning rates to sweep (overrides --lr), e.g. 1e-4,5e-4,2e-3")
+    p.add_argument("--degrid", action="store_true", help="control: move every linear weight uniformly within its "
+                   "Q4_1 cell first (init_gap.degrid, generator seed 0), breaking the demo model's Q4_1 grid")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128, help="max_seq_length of the training examples")
     p.add_argument("--train_rows", type=int, default=160)
@@ -243,11 +280,45 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     methods, seeds, sources = args.methods.split(","), [int(s) for s in args.seeds.split(",")], args.text.split(",")
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else [args.lr]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
+    args.variant = "degrid" if args.degrid else "demo" if args.model is None else "model"
     args.model = args.model or demo_model_dir()
     tag = args.tag or f"{os.path.basename(os.path.normpath(args.model)).lower()}-{torch.device(args.device).type}"
+    settings = {k: getattr(args, k) for k in ("methods", "seeds", "steps", "rank", "lr", "lrs", "batch", "seq",
+                                              "train_rows", "test_rows", "text", "windows", "model", "degrid",
+                                              "variant", "device", "threads")}
+    settings["lrs"] = ",".join(f"{lr:g}" for lr in lrs)
+    settings["lr"] = lrs[0] if len(lrs) == 1 else None
+    settings["task"] = TASK
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.degrid:  # every method then loads the de-gridded checkpoint from this directory
+            args.model = write_degridded(args.model, os.path.join(tmp, "degrid"))
+        sweep(args, methods, lrs, seeds, sources, settings, tag)
+
+
+def write_degridded(model_dir: str, target: str) -> str:
+    """The checkpoint with init_gap.py's de-gridding applied exactly as there (its --degrid): float64 copies of the
+    weights of every linear layer qmilora adapts, in linear_layers order, each moved by degrid() with one generator
+    seeded 0, written back as float32. Saved with the tokenizer as a checkpoint directory."""
+    from init_gap import degrid
+    from qmilora.prepare import linear_layers
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in linear_layers(model).values():
+            m.weight.data.copy_(degrid(m.weight.detach().double().clone(), g).float())
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(target)
+    del model
+    gc.collect()
+    return target
+
+
+def sweep(args, methods, lrs, seeds, sources, settings, tag) -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -264,44 +335,77 @@ def main() -> None:
     base = {"method": "base (fp32)", "em": exact_match(fp32, tok, test),
             **{f"ppl_{s}": texts.perplexity(fp32, w, tok) for s, w in windows.items()}, "seconds": time.perf_counter() - t0}
     del fp32
+    base["variant"] = args.variant
     print(f"base: {base}", flush=True)
-    settings = {k: getattr(args, k) for k in ("methods", "seeds", "steps", "rank", "lr", "batch", "seq", "train_rows",
-                                              "test_rows", "text", "windows", "model", "device", "threads")}
+    grid = [(m, lr, s) for s in seeds for lr in lrs for m in methods]  # a killed sweep leaves whole lr columns
     rows = []
-    for seed in seeds:
-        for method in methods:
-            rows.append(run(method, seed, args, train_set, tok, test, windows))
-            print(json.dumps(rows[-1]), flush=True)
-            write(f"quality-{tag}", rows, {"settings": settings, "base": base, "complete": False})  # survives a kill
-    report(rows, base, sources, settings, tag)
+    for method, lr, seed in grid:
+        rows.append(run(method, seed, lr, args, train_set, tok, test, windows))
+        print(json.dumps(rows[-1]), flush=True)
+        save(rows, base, sources, settings, tag, grid)  # after every run: survives a kill
+    report(rows, base, sources, settings, tag, grid)
+
+
+def requested(settings: dict) -> list[tuple]:
+    """The (method, lr, seed) grid a result file's settings asked for (files from before --lrs: their one --lr)."""
+    lrs = [float(x) for x in settings["lrs"].split(",")] if settings.get("lrs") else [settings["lr"]]
+    seeds = [int(s) for s in str(settings["seeds"]).split(",")]
+    return [(m, lr, s) for s in seeds for lr in lrs for m in settings["methods"].split(",")]
 
 
 def combine(args) -> None:
+    """Pool the rows of result files run with the same settings apart from methods, seeds and learning rates (and
+    the same model variant); the requested grid is the union of theirs, grouped by method and lr."""
     parts = [json.load(open(f)) for f in args.combine]
-    settings = {k: v for k, v in parts[0]["settings"].items() if k != "seeds"}
+    for part in parts:  # files from before --lrs / --degrid: the demo model (or --model) as it is, the date task
+        st = part["settings"]
+        variant = "demo" if os.path.basename(os.path.normpath(st["model"])) == DEMO_NAME else "model"
+        part["settings"] = {"degrid": False, "variant": variant, "task": TASK, **st}
+    free = ("seeds", "lr", "lrs", "methods")
+    norm = lambda st: {k: v for k, v in st.items() if k not in free and k != "combined_from"}  # noqa: E731
+    settings = norm(parts[0]["settings"])
     for f, part in zip(args.combine, parts):
-        other = {k: v for k, v in part["settings"].items() if k != "seeds"}
-        if other != settings:
-            raise SystemExit(f"{f} was run with other settings: {other} != {settings}")
-    rows = [r for part in parts for r in part["rows"]]
+        if norm(part["settings"]) != settings:
+            raise SystemExit(f"{f} was run with other settings: {norm(part['settings'])} != {settings}")
+    rows, grid = [], []
+    for part in parts:
+        st = part["settings"]  # rows written before --lrs / --degrid carry neither: the file's settings say
+        defaults = {"lr": st["lr"], "variant": st["variant"], "task": st["task"]}
+        rows += [{**defaults, **r} for r in part["rows"]]
+        grid += [c for c in requested(st) if c not in grid]
+    settings["methods"] = ",".join(dict.fromkeys(r["method"] for r in rows))
     settings["seeds"] = ",".join(sorted({str(r["seed"]) for r in rows}))
+    lrs = sorted({r["lr"] for r in rows})
+    settings["lrs"], settings["lr"] = ",".join(f"{lr:g}" for lr in lrs), lrs[0] if len(lrs) == 1 else None
     settings["combined_from"] = [os.path.basename(f) for f in args.combine]
-    report(rows, parts[0]["base"], settings["text"].split(","), settings, args.tag or "combined")
+    report(rows, parts[0]["base"], settings["text"].split(","), settings, args.tag or "combined", grid)
 
 
-def report(rows: list[dict], base: dict, sources: list[str], settings: dict, tag: str) -> None:
-    summary = summarize(rows, base, sources)
+def save(rows: list[dict], base: dict, sources: list[str], settings: dict, tag: str, grid) -> tuple[str, list, list]:
+    """Write the JSON (rows, summary so far, missing cells, complete) and the plot; return (path, summary, missing)."""
+    summary, missing = summarize(rows, base, sources), missing_cells(rows, grid)
+    path = write(f"quality-{tag}", rows, {"settings": settings, "base": base, "summary": summary,
+                                          "missing": missing, "complete": not missing})
+    title = f"{settings.get('variant', 'demo')}, {settings['steps']} steps, r={settings['rank']}" + \
+        (f", missing {len(missing)}/{len(grid)} runs" if missing else "")
+    plot(summary, base, sources[0], os.path.join(RESULTS, f"quality-{tag}.png"), title)
+    return path, summary, missing
+
+
+def report(rows: list[dict], base: dict, sources: list[str], settings: dict, tag: str, grid) -> None:
+    path, summary, missing = save(rows, base, sources, settings, tag, grid)
     pm = lambda a, k: f"{a[k]:.3g} ± {a[k + '_std']:.2g}"  # noqa: E731
-    shown = [{"method": a["method"], "task EM": pm(a, "em"),
+    shown = [{"method": a["method"], "lr": f"{a['lr']:g}", "seeds": a["seeds"], "task EM": pm(a, "em"),
               **{f"{s} ppl {w}": pm(a, f"ppl_{s}_{w}") for s in sources for w in ("init", "after")},
-              **{f"Δ{s} ppl": a[f"dppl_{s}"] for s in sources}, "train loss": pm(a, "train_loss"),
+              **{f"Δ{s} vs own init": pm(a, f"ppl_{s}_delta") for s in sources},
+              **{f"Δ{s} vs base": a[f"dppl_{s}"] for s in sources}, "train loss": pm(a, "train_loss"),
               "seconds": pm(a, "seconds")} for a in summary]
     shown.insert(0, {"method": base["method"], "task EM": base["em"],
                      **{f"{s} ppl init": base[f"ppl_{s}"] for s in sources}})
     print(table(shown, list(shown[1])))  # the base row has no "after" columns
-    print("wrote", write(f"quality-{tag}", rows, {"settings": settings, "base": base, "summary": summary,
-                                                  "complete": True}))
-    plot(summary, base, sources[0], os.path.join(RESULTS, f"quality-{tag}.png"))
+    if missing:
+        print("missing (method, lr, seed):", ", ".join(f"({c['method']}, {c['lr']:g}, {c['seed']})" for c in missing))
+    print("wrote", path)
 
 
 if __name__ == "__main__":
