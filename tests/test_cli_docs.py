@@ -12,20 +12,24 @@ from qmilora import cpu
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
-def readme_commands():
-    """Every `qmilora...` line inside README's bash blocks, as argv lists (comments dropped); a launcher's line
-    (`torchrun ... qmilora-train ...`) from the qmilora command on."""
+def readme_lines():
+    """(argv, comment) of every command line in README's bash blocks that runs a qmilora command."""
     text = open(README).read()
-    lines = []
+    found = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.splitlines():
-            line = line.split("  #")[0].strip()
-            for part in line.split("&&"):
+            command, _, comment = line.partition("  #")
+            for part in command.split("&&"):
                 argv = shlex.split(part.strip())
-                start = next((i for i, a in enumerate(argv) if a.startswith("qmilora")), None)
-                if start is not None:
-                    lines.append(argv[start:])
-    return lines
+                if any(a.startswith("qmilora") for a in argv):
+                    found.append((argv, comment.strip()))
+    return found
+
+
+def readme_commands():
+    """The qmilora command of each of those lines, as argv (a launcher's line, `torchrun ... qmilora-train ...`,
+    from the qmilora command on)."""
+    return [argv[next(i for i, a in enumerate(argv) if a.startswith("qmilora")):] for argv, _ in readme_lines()]
 
 
 def test_readme_has_commands():
@@ -81,20 +85,6 @@ def test_prepare_restores_the_callers_threads(tiny_ckpt, tmp_path):
     torch.set_num_threads(2)
     prepare_model(tiny_ckpt[0], rank=4, threads=1, cache_dir=str(tmp_path))
     assert torch.get_num_threads() == 2
-
-
-def readme_lines():
-    """(argv, comment) of every command line in README's bash blocks that runs a qmilora command."""
-    text = open(README).read()
-    found = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.splitlines():
-            command, _, comment = line.partition("  #")
-            for part in command.split("&&"):
-                argv = shlex.split(part.strip())
-                if any(a.startswith("qmilora") for a in argv):
-                    found.append((argv, comment.strip()))
-    return found
 
 
 def tiny_inputs(argv, model):
