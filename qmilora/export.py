@@ -7,8 +7,12 @@ Training updated (B, A) on top of the frozen residual W_res = W − s·B₀A₀,
 - `to_lora`: that difference as a standard rank-2r LoRA for the ORIGINAL base: A' = [A; A₀] (2r × in),
   B' = [B, −B₀] (out × 2r), r and lora_alpha doubled so s is unchanged (PEFT's PiSSA→LoRA conversion,
   `LoraModel.subtract_mutated_init`, done here on state dicts: it needs no model in memory).
+  For a MoE expert stack (PEFT's parameter LoRA: lora_A (r·E, in), lora_B (out, r·E), expert e in rows
+  e·r…e·r+r−1 of A and columns e, E+e, … of B) the same holds per expert, so the concatenation runs per expert.
 - `to_merged`: W + s·(B A − B₀ A₀) for every target weight, from the original full-precision weights (never from
-  dequantized NF4), streamed shard by shard and saved as a standard safetensors checkpoint.
+  dequantized NF4), streamed shard by shard and saved as a standard safetensors checkpoint. A MoE goes through
+  transformers' loader instead (its checkpoint stores experts apart, the adapter holds them fused) and is saved by
+  transformers in its own layout; that route holds the model once in host memory.
 """
 from __future__ import annotations
 
@@ -46,18 +50,21 @@ def _check_output(output: str, overwrite: bool, adapter_dir: str, model: str | N
             raise QMiLoRAError(f"--output {output} is {what}; write the export elsewhere")
 
 
-def lora_delta(trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rank-2r state dict: lora_A → [A; A₀] (2r, in), lora_B → [B, −B₀] (out, 2r)."""
+def lora_delta(trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+    """Rank-2r state dict: lora_A → [A; A₀] (2r, in), lora_B → [B, −B₀] (out, 2r), expert by expert where a tensor
+    holds E = rows / r experts' factors (E = 1 for a linear layer)."""
     if trained.keys() != initial.keys():
         raise QMiLoRAError("the trained and initial adapters hold different layers")
     out = {}
     for name, value in trained.items():
-        if value.shape[1 - ("lora_A" in name)] != initial[name].shape[1 - ("lora_A" in name)]:
+        if value.shape != initial[name].shape:
             raise QMiLoRAError(f"the trained and initial adapters differ in shape at {name}")
-        if "lora_A" in name:
-            out[name] = torch.cat([value, initial[name]], dim=0).contiguous()
-        elif "lora_B" in name:
-            out[name] = torch.cat([value, -initial[name]], dim=1).contiguous()
+        if "lora_A" in name:  # (r·E, in) → (E, r, in): [A_e; A₀_e] per expert
+            A, A0 = (t.reshape(-1, r, t.shape[-1]) for t in (value, initial[name]))
+            out[name] = torch.cat([A, A0], dim=1).reshape(-1, value.shape[-1]).contiguous()
+        elif "lora_B" in name:  # (out, r·E) → (out, r, E): [B_e, −B₀_e] per expert
+            B, B0 = (t.reshape(t.shape[0], r, -1) for t in (value, initial[name]))
+            out[name] = torch.cat([B, -B0], dim=1).reshape(value.shape[0], -1).contiguous()
         else:
             raise QMiLoRAError(f"unexpected adapter tensor {name}")
     return out
@@ -67,10 +74,10 @@ def to_lora(adapter_dir: str, output: str, model: str | None = None, overwrite: 
     _check_output(output, overwrite, adapter_dir, model)
     meta, directory = _source(adapter_dir, model)
     _check_output(output, overwrite, adapter_dir, directory)
-    state = lora_delta(load_file(os.path.join(adapter_dir, ADAPTER_FILE)),
-                       load_file(os.path.join(adapter_dir, INITIAL, ADAPTER_FILE)))
     with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
         config = json.load(f)
+    state = lora_delta(load_file(os.path.join(adapter_dir, ADAPTER_FILE)),
+                       load_file(os.path.join(adapter_dir, INITIAL, ADAPTER_FILE)), config["r"])
     config.update(r=2 * config["r"], lora_alpha=2 * config["lora_alpha"], init_lora_weights=True,
                   base_model_name_or_path=meta["source"]["model"] if not meta["source"]["model"].startswith("demo:")
                   else os.path.abspath(directory))
@@ -90,6 +97,8 @@ def to_merged(adapter_dir: str, output: str, model: str | None = None, overwrite
         scaling = (cfg := json.load(f))["lora_alpha"] / cfg["r"]
     delta = _factors(load_file(os.path.join(adapter_dir, ADAPTER_FILE)),
                      load_file(os.path.join(adapter_dir, INITIAL, ADAPTER_FILE)))
+    if cfg.get("target_parameters"):
+        return _merged_through_loader(directory, adapter_dir, cfg, delta, scaling, output, overwrite)
     files = checkpoint.shard_files(directory)
     checkpoint.check_free_space(os.path.dirname(os.path.abspath(output)), sum(map(os.path.getsize, files)),
                                 "the merged model")
@@ -118,6 +127,49 @@ def to_merged(adapter_dir: str, output: str, model: str | None = None, overwrite
         for name in os.listdir(directory):
             if name.endswith(".json") and not os.path.exists(os.path.join(tmp, name)):
                 shutil.copy2(os.path.join(directory, name), tmp)
+        _copy_tokenizer(adapter_dir, tmp)
+    return output
+
+
+def _merged_through_loader(directory: str, adapter_dir: str, adapter_config: dict, delta: dict, scaling: float,
+                           output: str, overwrite: bool) -> str:
+    """`to_merged` for a MoE: each weight as transformers' loader places it (experts fused), plus its update, saved by
+    transformers. The adapter's keys name PEFT's wrapper modules; PEFT itself, on a meta-device copy of the model,
+    says which parameter each one wraps."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import experts, interop
+
+    hf_config = AutoConfig.from_pretrained(directory)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+        lora = LoraConfig.from_pretrained(adapter_dir)
+        paths = experts.adapter_paths(get_peft_model(skeleton, lora))
+    param_of = {path: name for name, path in paths.items()}
+    delta = {param_of.get(layer, layer): factors for layer, factors in delta.items()}
+    stacks = set(paths)
+
+    def convert(name: str, weight: torch.Tensor) -> torch.Tensor:
+        (B, A), (B0, A0) = delta.pop(name)
+        if name in stacks:  # PEFT's layout → per expert (E, out, r) @ (E, r, in)
+            r = adapter_config["r"]
+            per = lambda b, a: b.double().reshape(b.shape[0], r, -1).permute(2, 0, 1) @ a.double().reshape(-1, r, a.shape[-1])  # noqa: E731
+        else:
+            per = lambda b, a: b.double() @ a.double()  # noqa: E731
+        return (weight.double() + scaling * (per(B, A) - per(B0, A0))).to(weight.dtype)
+
+    dtype = getattr(hf_config, "dtype", None) or torch.float32
+    job = interop.LoadJob(quantize=False, quant_type="nf4", double_quant=False, dtype=dtype,
+                          layers={n for n in delta if n not in stacks}, experts=stacks & set(delta), convert=convert)
+    model, _ = interop.from_pretrained(job, AutoModelForCausalLM, pretrained_model_name_or_path=directory,
+                                       dtype=dtype, device_map={"": "cpu"})
+    interop.finish_loaded(model, job)
+    if delta:
+        raise QMiLoRAError(f"the checkpoint lacks weights for adapter layers, e.g. {next(iter(delta))}")
+    with _output(output, overwrite) as tmp:
+        model.save_pretrained(tmp)
         _copy_tokenizer(adapter_dir, tmp)
     return output
 

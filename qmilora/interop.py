@@ -19,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import ParamWrapper
 from transformers import BitsAndBytesConfig, PreTrainedModel
 from transformers.core_model_loading import ConversionOps
 from transformers.pytorch_utils import Conv1D
@@ -45,6 +46,8 @@ class LoadJob:
     dtype: torch.dtype
     layers: set[str] | None = None
     convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+    # MoE expert stacks, by full parameter name: `convert` receives them as W (experts, out, in) float32 too
+    experts: set[str] = field(default_factory=set)
 
 
 _JOBS: dict[str, LoadJob] = {}
@@ -75,7 +78,7 @@ class QMiLoRAQuantizer(Bnb4BitHfQuantizer):
         if job is None or job.layers is None:
             return super().param_needs_quantization(model, param_name, **kwargs)
         layer, _, name = param_name.rpartition(".")
-        return name == "weight" and layer in job.layers
+        return (name == "weight" and layer in job.layers) or param_name in job.experts
 
     def _process_model_before_weight_loading(self, model, device_map, **kwargs):
         job = self.job
@@ -123,6 +126,9 @@ class _MinorSplitConvert(ConversionOps):
             value = value[0] if isinstance(value, list) else value
             layer_name = param_name.rpartition(".")[0]
             module = model.get_submodule(layer_name)
+            if param_name in job.experts:
+                out[param_name] = self.convert_experts(job, param_name, value, module)
+                continue
             stored_transposed = is_conv1d(module)
             weight = value.T if stored_transposed else value  # (out, in), as the forward multiplies
             expected = out_in(module)
@@ -139,6 +145,26 @@ class _MinorSplitConvert(ConversionOps):
             module._is_hf_initialized = True
             out[param_name] = result
         return out
+
+
+    @staticmethod
+    def convert_experts(job: LoadJob, param_name: str, value: torch.Tensor, module: torch.nn.Module):
+        """An expert stack, after transformers' own conversions (e.g. per-expert tensors fused), as (experts, out, in)."""
+        transposed = module.is_transposed
+        stack = value.transpose(1, 2) if transposed else value
+        expected = tuple(getattr(module, param_name.rpartition(".")[2]).shape)
+        if tuple(value.shape) != expected:
+            raise _Abort(QMiLoRAError(
+                f"checkpoint tensor {param_name} holds a {tuple(value.shape)} stack where config.json describes "
+                f"{expected}: the weights and the config do not belong together"))
+        try:
+            result = job.convert(param_name, stack)
+        except Exception as err:
+            raise _Abort(err) from err
+        if transposed and not quantize.is_4bit_param(result):
+            result = result.transpose(1, 2).contiguous()  # unquantized: back into the module's own layout
+        module._is_hf_initialized = True
+        return result  # a 4-bit stack stays (experts, out, in): `experts` reads it in the module's orientation
 
 
 class _Abort(BaseException):
@@ -238,8 +264,9 @@ def finish_loaded(model: PreTrainedModel, job: LoadJob | None) -> None:
 
 
 def lora_layers(peft_model) -> dict[str, LoraLayer]:
-    """{base-model layer name: PEFT LoRA layer}."""
-    return {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    """{base-model layer name: PEFT LoRA layer} of the linear layers (expert stacks: `experts.lora_layers`)."""
+    return {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+            if isinstance(m, LoraLayer) and not isinstance(m, ParamWrapper)}
 
 
 def is_bnb_lora(layer: LoraLayer) -> bool:

@@ -1,7 +1,8 @@
 """Memory plan for preparing and training a model, from its config alone (no weights are read).
 
 The model is built on the meta device, so every architecture transformers knows is counted from its real
-modules: linear weights (4-bit), the rest (frozen, in the compute dtype), adapters r·(in+out) per target.
+modules: linear weights and MoE expert stacks (4-bit), the rest (frozen, in the compute dtype), adapters r·(in+out)
+per target (per expert for a stack).
 
     bytes per 4-bit weight:  1/2 (codes) + absmax: 4/blocksize, or with double quantization
                              1/blocksize (8-bit absmax) + 4/(256·blocksize) (their fp32 scales, blocks of 256)
@@ -12,12 +13,15 @@ modules: linear weights (4-bit), the rest (frozen, in the compute dtype), adapte
                34·h with it)
     logits:    float32, ×3 (logits, log-softmax, their gradient): T·vocab·4 bytes each with the model's loss,
                one chunk (loss.CHUNK_BYTES) with the chunked loss
+    MoE:       the routed experts' dequantized weights of one layer, kept for its backward: min(experts, T·top-k)
+               experts × one expert's parameters (all its stacks) × compute-dtype bytes
 
 QLoRA's column is the same model as PEFT + transformers train it: the frozen rest upcast to float32 by
 prepare_model_for_kbit_training, the model's loss, adapters on the same targets.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from . import interop, loss as lm_loss
@@ -54,17 +58,28 @@ def bytes_per_4bit_weight(blocksize: int, double_quant: bool) -> float:
 
 
 def count(hf_config, target_modules: list[str], rank: int) -> dict:
-    """Parameter counts of the model built on meta: 4-bit linear weights, other params, adapter (in+out) sums."""
+    """Parameter counts of the model built on meta: 4-bit linear weights, expert stacks, other params, adapter
+    (in+out) sums, MoE shape. Memoized per (config, targets, rank): building a large MoE on meta takes seconds."""
+    return dict(_count(hf_config.to_json_string(), type(hf_config), tuple(target_modules), rank))
+
+
+@functools.lru_cache(maxsize=16)
+def _count(config_json: str, config_class: type, target_modules: tuple[str, ...], rank: int) -> dict:
+    import json
+
+    hf_config = config_class.from_dict(json.loads(config_json))
+    target_modules = list(target_modules)
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .prepare import linear_layers, refuse_unsupported, resolve_targets
+    from . import experts
+    from .prepare import linear_layers, resolve_targets
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config)
-    refuse_unsupported(model)  # what preparation refuses has no plan
+    stacks = experts.expert_params(model)  # refuses what preparation refuses
     layers = linear_layers(model)
-    targets, _ = resolve_targets(model, set(layers), target_modules, rank)
+    targets, _ = resolve_targets(model, set(layers), target_modules, rank, stacks)
     linear, adapter, largest = 0, 0, (0, 0)
     quantized_ids = set()
     for name, module in layers.items():
@@ -74,18 +89,37 @@ def count(hf_config, target_modules: list[str], rank: int) -> dict:
         largest = max(largest, (out_f, in_f), key=lambda s: s[0] * s[1])
         if name in targets:
             adapter += in_f + out_f
-    other = sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids)
+    expert_numel, per_expert, num_experts = 0, {}, 0
+    for name, (e, out_f, in_f) in stacks.items():
+        expert_numel += e * out_f * in_f
+        owner = name.rpartition(".")[0]
+        per_expert[owner] = per_expert.get(owner, 0) + out_f * in_f
+        num_experts = max(num_experts, e)
+        if name in targets:
+            adapter += e * (in_f + out_f)
+        largest = max(largest, (out_f, in_f), key=lambda s: s[0] * s[1])
+    stack_ids = {id(p) for m in experts.experts_modules(model).values() for p in m.parameters(recurse=False)
+                 if p.dim() == 3}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids | stack_ids)
     cfg = model.config
-    return {"linear": linear, "other": other, "adapter_in_out": adapter, "largest_linear": largest,
-            "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
-            "vocab": cfg.vocab_size}
+    top_k = next((getattr(c, a) for c in (cfg, getattr(cfg, "text_config", None)) if c is not None
+                  for a in ("num_experts_per_tok", "moe_topk", "top_k") if isinstance(getattr(c, a, None), int)),
+                 num_experts)
+    expert_layers = len(per_expert)
+    one_expert = max(per_expert.values(), default=0)
+    total = linear + expert_numel + other
+    active = total - expert_numel + expert_layers * min(top_k, num_experts) * one_expert if stacks else total
+    return {"linear": linear, "experts": expert_numel, "other": other, "adapter_in_out": adapter,
+            "largest_linear": largest, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+            "heads": cfg.num_attention_heads, "vocab": cfg.vocab_size, "num_experts": num_experts, "top_k": top_k,
+            "expert_params": one_expert, "total_params": total, "active_params": active}
 
 
 def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     """The memory plan of training `hf_config`'s model as `qcfg` decomposes it, with `cfg`'s training settings;
     `qlora_*` keys: QLoRA (PEFT's k-bit preparation, the model's loss) on the same settings."""
     c = count(hf_config, qcfg.target_modules, qcfg.rank)
-    four_bit = c["linear"] * bytes_per_4bit_weight(qcfg.blocksize, qcfg.double_quant)
+    four_bit = (c["linear"] + c["experts"]) * bytes_per_4bit_weight(qcfg.blocksize, qcfg.double_quant)
     weights = four_bit + c["other"] * qcfg.torch_compute_dtype.itemsize
     adapter_params = qcfg.rank * c["adapter_in_out"]
     optimizer_bytes = _OPTIMIZER_BYTES.get(cfg.optim, 8)
@@ -95,7 +129,8 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     per_layer = tokens * (34 * c["hidden"] + (0 if cfg.fused_attention else 5 * c["heads"] * cfg.max_seq_length))
     checkpoints = c["layers"] * tokens * c["hidden"] * 2 if cfg.gradient_checkpointing else 0
     layers_kept = per_layer if cfg.gradient_checkpointing else c["layers"] * per_layer
-    activations = layers_kept + (0 if cfg.offload_activations else checkpoints)
+    routed = min(c["num_experts"], tokens * c["top_k"]) * c["expert_params"] * qcfg.torch_compute_dtype.itemsize
+    activations = layers_kept + routed + (0 if cfg.offload_activations else checkpoints)
     full_logits = 3 * tokens * c["vocab"] * 4
     logits = 3 * min(tokens * c["vocab"] * 4, max(lm_loss.CHUNK_BYTES, c["vocab"] * 4)) if cfg.chunked_loss else full_logits
     out_f, in_f = c["largest_linear"]
@@ -105,14 +140,18 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     prepare_peak = weights + adapters + svd_workspace
     train_peak = weights + adapters + grads_and_optimizer + activations + logits
     # QLoRA's float32 embeddings keep the residual stream (the checkpointed layer inputs) in float32
-    qlora_train_peak = (four_bit + c["other"] * 4 + adapters + grads_and_optimizer + layers_kept + 2 * checkpoints
+    # (transformers' bitsandbytes path leaves MoE expert stacks unquantized: upcast to float32 with the rest)
+    qlora_four_bit = c["linear"] * bytes_per_4bit_weight(qcfg.blocksize, qcfg.double_quant)
+    qlora_train_peak = (qlora_four_bit + (c["other"] + c["experts"]) * 4 + adapters + grads_and_optimizer + layers_kept + 2 * checkpoints
                         + full_logits)
     return {"quantized_weights_gb": weights / GB, "adapter_params": adapter_params, "adapters_gb": adapters / GB,
             "grads_and_optimizer_gb": grads_and_optimizer / GB, "activations_gb": activations / GB,
             "offloaded_gb": (checkpoints if cfg.offload_activations else 0) / GB,
             "logits_gb": logits / GB, "svd_workspace_gb": svd_workspace / GB, "prepare_peak_gb": prepare_peak / GB,
             "train_peak_gb": train_peak / GB, "qlora_train_peak_gb": qlora_train_peak / GB,
-            "gpu_gb": parse_size(cfg.gpu_memory) / GB,
+            "gpu_gb": parse_size(cfg.gpu_memory) / GB, "routed_experts_gb": routed / GB,
+            "total_params": c["total_params"], "active_params": c["active_params"], "num_experts": c["num_experts"],
+            "top_k": c["top_k"],
             "num_gpus": cfg.num_gpus, "global_batch_tokens": tokens * cfg.num_gpus,
             "fits": max(prepare_peak, train_peak) <= parse_size(cfg.gpu_memory)}
 

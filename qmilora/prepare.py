@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from . import cache, calibrate, checkpoint, cpu, decompose, interop, quantize
+from . import cache, calibrate, checkpoint, cpu, decompose, experts, interop, quantize
 from .config import QMiLoRAConfig, QMiLoRAError
 
 log = logging.getLogger("qmilora")
@@ -42,6 +42,10 @@ class PrepareStats:
     from_cache: bool = False
     calibrated: int = 0
     too_small: list[str] = field(default_factory=list)
+    expert_stacks: int = 0  # MoE: 3-D expert parameters, each expert split on its own
+    stacks_decomposed: int = 0
+    experts: int = 0
+    routers: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
@@ -52,6 +56,12 @@ class PrepareStats:
                     "as-is" + (f", {self.calibrated} calibrated" if self.calibrated else "") + ")")
         else:
             what = f"{self.decomposed} layers decomposed, kept in full precision"
+        if self.expert_stacks:
+            what += (f"; MoE: {self.experts} expert matrices in {self.expert_stacks} stacks"
+                     + (" stored in 4 bits" if self.layers else "")
+                     + f", {self.stacks_decomposed} stacks decomposed expert by expert")
+        if self.routers:
+            what += f"; {len(self.routers)} routers kept in full precision, unadapted, e.g. {self.routers[0]}"
         if self.too_small:
             what += (f"; {len(self.too_small)} layers too small for the rank quantized without adapter, e.g. "
                      f"{self.too_small[0]}")
@@ -147,7 +157,9 @@ def _prepare_checkpoint(source: str, cfg: QMiLoRAConfig) -> tuple[PeftModel, Pre
     base, factors, stats = _load(dict(model_class=AutoModelForCausalLM, pretrained_model_name_or_path=directory,
                                       config=hf_config), skel, cfg, hessians)
     identity = source.value()
-    if not cfg.prepared_cache:
+    if not cfg.prepared_cache or skel.stacks:
+        if skel.stacks and cfg.prepared_cache:
+            log.info("qmilora: MoE preparations are not cached yet (4-bit expert stacks have no file format here)")
         model = _wrap(base, cfg, factors=factors, excluded=skel.excluded)
     else:
         def save(base_dir: str, adapter_dir: str) -> None:
@@ -211,6 +223,13 @@ class Skeleton:
     job: interop.LoadJob
     targets: set[str]
     excluded: list[str]
+    stacks: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # MoE expert stacks: (experts, out, in)
+    routers: list[str] = field(default_factory=list)
+    experts_classes: set[type] = field(default_factory=set)
+
+    @property
+    def expert_targets(self) -> list[str]:
+        return sorted(self.targets & set(self.stacks))
 
 
 def skeleton(hf_config, cfg: QMiLoRAConfig) -> Skeleton:
@@ -219,41 +238,47 @@ def skeleton(hf_config, cfg: QMiLoRAConfig) -> Skeleton:
                           dtype=dtype)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    refuse_unsupported(model)
+    stacks = experts.expert_params(model)  # refuses 3-D weights transformers cannot route
     if cfg.quantize:
         # the surgery from_pretrained will do (transformers' own, plus linear subclasses)
         interop.install_4bit_layers(model, job, cfg.resolved_device)
         layers = {n for n, m in model.named_modules() if quantize.is_4bit_linear(m)}
     else:
         layers = set(linear_layers(model))
-    job.layers = layers
-    targets, excluded = resolve_targets(model, layers, cfg.target_modules, cfg.rank)
-    return Skeleton(job, targets, excluded)
+    job.layers, job.experts = layers, set(stacks)
+    targets, excluded = resolve_targets(model, layers, cfg.target_modules, cfg.rank, stacks)
+    return Skeleton(job, targets, excluded, stacks, routers(model, layers),
+                    {type(m) for m in experts.experts_modules(model).values()})
 
 
-def resolve_targets(model: torch.nn.Module, layers: set[str], target_modules: list[str], rank: int
-                    ) -> tuple[set[str], list[str]]:
-    """(layers that get a minor adapter, layers "all-linear" leaves out as too small for `rank`). Under all-linear a
-    layer with min(out, in) <= rank is quantized as QLoRA would and named in the summary; named explicitly, it is
-    an error. Both are decided here, before any weight is read."""
+def routers(model: torch.nn.Module, layers: set[str]) -> list[str]:
+    """Weights a MoE keeps beside its experts that are neither linear layers nor embeddings (its routers): they stay
+    in the compute dtype, unadapted."""
+    if not experts.experts_modules(model):
+        return []
+    skip = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    skip |= {id(model.get_submodule(n).weight) for n in layers}
+    skip |= {id(p) for m in experts.experts_modules(model).values() for p in m.parameters()}
+    return sorted(n for n, p in model.named_parameters() if p.dim() == 2 and id(p) not in skip)
+
+
+def resolve_targets(model: torch.nn.Module, layers: set[str], target_modules: list[str], rank: int,
+                    stacks: dict[str, tuple[int, int, int]] | None = None) -> tuple[set[str], list[str]]:
+    """(layers and expert stacks that get a minor adapter, those "all-linear" leaves out as too small for `rank`).
+    Under all-linear (which covers MoE expert stacks too) a weight with min(out, in) <= rank is quantized as QLoRA
+    would and named in the summary; named explicitly, it is an error. Both are decided here, before any weight is
+    read."""
+    stacks = stacks or {}
+    shape = lambda n: stacks[n][1:] if n in stacks else interop.out_in(model.get_submodule(n))  # noqa: E731
     if target_modules != ["all-linear"]:
-        targets = select_targets(model, target_modules, layers)
-        check_rank(model, targets, rank)
+        targets = select_targets(model, target_modules, layers, stacks)
+        check_rank(targets, rank, shape)
         return targets, []
-    excluded = sorted(n for n in layers if min(interop.out_in(model.get_submodule(n))) <= rank)
-    if len(excluded) == len(layers):
+    candidates = set(layers) | set(stacks)
+    excluded = sorted(n for n in candidates if min(shape(n)) <= rank)
+    if len(excluded) == len(candidates):
         raise QMiLoRAError(f"rank {rank} is too large for every linear layer of this model; lower --rank")
-    return set(layers) - set(excluded), excluded
-
-
-def refuse_unsupported(model: torch.nn.Module) -> None:
-    """Weights that are neither linear layers nor embeddings (MoE experts fused into 3-D parameters, convolutions)
-    would stay in full precision and unadapted: refused by name until they are supported."""
-    for name, param in model.named_parameters():
-        if param.dim() > 2:
-            owner = model.get_submodule(name.rpartition(".")[0])
-            raise QMiLoRAError(f"{name} is a {param.dim()}-D parameter of {type(owner).__name__} (e.g. fused MoE experts): "
-                               "QMiLoRA does not yet quantize or adapt such weights, which would stay in full precision")
+    return candidates - set(excluded), excluded
 
 
 def _load(load_kwargs: dict, skel: Skeleton, cfg: QMiLoRAConfig, hessians: dict[str, torch.Tensor] | None = None):
@@ -263,23 +288,52 @@ def _load(load_kwargs: dict, skel: Skeleton, cfg: QMiLoRAConfig, hessians: dict[
     device, svd_device, dtype = cfg.resolved_device, cfg.resolved_svd_device, cfg.torch_compute_dtype
     threads = torch.get_num_threads()  # prepare_model set it from cfg.threads
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    stats = PrepareStats(too_small=list(skel.excluded))
+    stats = PrepareStats(too_small=list(skel.excluded), routers=list(skel.routers))
+    kwargs = dict(quant_type=cfg.quant_type, blocksize=cfg.blocksize, double_quant=cfg.double_quant, out_dtype=dtype)
+
+    def split(weight: torch.Tensor) -> decompose.MinorSplit:
+        t = time.perf_counter()
+        with cpu.solver_limits(tuple(weight.shape), threads) if weight.device.type == "cpu" else nullcontext():
+            result = decompose.minor_split(weight, cfg.rank, cfg.scaling, solver=cfg.svd_solver)
+        stats.svd_seconds += time.perf_counter() - t
+        stats.minor_energy.append(decompose.minor_energy(result, cfg.scaling, weight.square().sum().item()))
+        return result
+
+    def convert_stack(name: str, stack: torch.Tensor) -> torch.Tensor:
+        """A MoE expert stack (experts, out, in): each expert split on its own, the residuals stored as one stack."""
+        stack = _checked(name.removesuffix(".weight"), stack).to(svd_device, torch.float32)
+        if name in skel.targets:
+            splits = [split(w) for w in stack]
+            A = torch.stack([s.lora_A for s in splits]).cpu()
+            B = torch.stack([s.lora_B for s in splits]).cpu()
+            factors[name] = experts.to_peft_layout(A, B)
+            stack = torch.stack([s.residual for s in splits])
+            del splits
+            stats.stacks_decomposed += 1
+        stats.expert_stacks += 1
+        stats.experts += stack.shape[0]
+        stack = stack.to(device)
+        if not cfg.quantize:
+            return stack.to(dtype)
+        param = quantize.quantize_experts(stack, **kwargs)
+        err = (quantize.dequantize(param).float() - stack).norm() / stack.norm().clamp_min(1e-30)
+        stats.nf4_rel_error.append(err.item())
+        checkpoint.release_host_memory()
+        return param
 
     def convert(layer: str, value: torch.Tensor) -> torch.Tensor:
+        if value.dim() == 3:
+            return convert_stack(layer, value)
         weight = _checked(layer, value).to(svd_device, torch.float32)
         if layer in skel.targets:
-            t = time.perf_counter()
-            with cpu.solver_limits(tuple(weight.shape), threads) if weight.device.type == "cpu" else nullcontext():
-                split = decompose.minor_split(weight, cfg.rank, cfg.scaling, solver=cfg.svd_solver)
-            stats.svd_seconds += time.perf_counter() - t
-            stats.minor_energy.append(decompose.minor_energy(split, cfg.scaling, weight.square().sum().item()))
-            factors[layer] = (split.lora_A.cpu(), split.lora_B.cpu())
-            weight = split.residual
+            minor = split(weight)
+            factors[layer] = (minor.lora_A.cpu(), minor.lora_B.cpu())
+            weight = minor.residual
+            del minor
             stats.decomposed += 1
         weight = weight.to(device)
         if not cfg.quantize:
             return weight.to(dtype)
-        kwargs = dict(quant_type=cfg.quant_type, blocksize=cfg.blocksize, double_quant=cfg.double_quant, out_dtype=dtype)
         if hessians is not None and layer in hessians:
             param = quantize.quantize_calibrated(weight, hessians.pop(layer).to(weight.device), **kwargs)
             stats.calibrated += 1
@@ -318,6 +372,7 @@ def _load(load_kwargs: dict, skel: Skeleton, cfg: QMiLoRAConfig, hessians: dict[
                                    "train on) a broken model")
             param.data = param.data.to(dtype)  # what is not 4-bit lives in the compute dtype
     interop.finish_loaded(model, skel.job)
+    experts.use_routed_forward(model)
     if set(factors) != skel.targets:
         raise QMiLoRAError(f"the checkpoint did not deliver the weights of {sorted(skel.targets - set(factors))[:1]}")
     model.eval()
@@ -331,13 +386,20 @@ def linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if interop.linear_like(m) and m is not head}
 
 
-def select_targets(model: torch.nn.Module, target_modules: list[str], linear: set[str]) -> set[str]:
-    """Names of the `linear` layers that get a minor adapter, with PEFT's matching rule (name or suffix)."""
+def select_targets(model: torch.nn.Module, target_modules: list[str], linear: set[str],
+                   stacks: dict | None = None) -> set[str]:
+    """Names of the `linear` layers and expert `stacks` that get a minor adapter, with PEFT's matching rule (name or
+    suffix); naming a MoE experts module selects all its stacks."""
     if target_modules == ["all-linear"]:
-        return linear
+        return linear | set(stacks or {})
+    matches = lambda n, t: n == t or n.endswith("." + t)  # noqa: E731
     chosen = set()
     for target in target_modules:
-        hits = {n for n, _ in model.named_modules() if n == target or n.endswith("." + target)}
+        hits = {n for n, _ in model.named_modules() if matches(n, target)}
+        in_stacks = {s for s in stacks or {} if matches(s, target) or matches(s.rpartition(".")[0], target)}
+        if in_stacks:
+            chosen |= in_stacks
+            continue
         if not hits:
             kinds = sorted({n.rpartition(".")[2] for n in linear})
             raise QMiLoRAError(f"target module {target!r} matches no layer; linear layers are named {', '.join(kinds)}")
@@ -347,11 +409,11 @@ def select_targets(model: torch.nn.Module, target_modules: list[str], linear: se
     return chosen
 
 
-def check_rank(model: torch.nn.Module, targets: set[str], rank: int) -> None:
+def check_rank(targets: set[str], rank: int, shape) -> None:
     """Every target must have min(out, in) > rank (the minor band must leave a principal part); checked before
-    any SVD, naming the first layer that is too small."""
+    any SVD, naming the first layer that is too small. `shape(name)` is a target's (out, in)."""
     for name in sorted(targets):
-        out_features, in_features = interop.out_in(model.get_submodule(name))
+        out_features, in_features = shape(name)
         if rank >= min(out_features, in_features):
             raise QMiLoRAError(f"rank {rank} is too large for {name} ({out_features}x{in_features}): it must be below "
                                f"{min(out_features, in_features)}; lower --rank or leave that layer out of --target_modules")
@@ -404,19 +466,41 @@ def _wrap(base: PreTrainedModel, cfg: QMiLoRAConfig, *, factors=None, excluded: 
     for param in base.parameters():
         param.requires_grad_(False)
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    stacks = experts.expert_params(base)
+    classes = {type(m): experts.ExpertsLora for m in experts.experts_modules(base).values()}
+    dropout = cfg.lora_dropout
     if adapter_dir is None:
-        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                          target_modules=cfg.peft_target_modules, exclude_modules=excluded or None,
-                          task_type="CAUSAL_LM", init_lora_weights=False)
+        stack_targets = sorted(set(factors) & set(stacks))
+        if stack_targets and dropout:
+            log.warning("qmilora: lora_dropout %s → 0: PEFT's LoRA on MoE expert parameters has no dropout (and "
+                        "plain PEFT loads such an adapter only with lora_dropout 0)", dropout)
+            dropout = 0.0
+        # A MoE gets the resolved layer names: PEFT resolves "all-linear" on some MoE families to their routers too
+        # (its transformers-v4 compatibility), and routers stay unadapted.
+        linear_targets = sorted(set(factors) - set(stacks)) if stacks else cfg.peft_target_modules
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=dropout, bias="none",
+                          target_modules=linear_targets,
+                          exclude_modules=None if stacks else excluded or None,
+                          target_parameters=stack_targets or None, task_type="CAUSAL_LM", init_lora_weights=False)
+        if stack_targets:
+            lora._register_custom_module(classes)
         model = get_peft_model(base, lora)
     else:
         lora = LoraConfig.from_pretrained(adapter_dir)
-        lora.lora_dropout = cfg.lora_dropout
+        lora.lora_dropout = 0.0 if lora.target_parameters else dropout
+        if lora.target_parameters:
+            lora._register_custom_module(classes)
         model = PeftModel.from_pretrained(base, adapter_dir, config=lora, is_trainable=True)
-    layers = interop.lora_layers(model)
+    stack_layers = experts.lora_layers(model)
+    layers = {**interop.lora_layers(model), **stack_layers}
     expected = set(factors) if factors is not None else set(layers)
-    not_4bit = [n for n, m in layers.items() if cfg.quantize and (
+    not_4bit = [n for n, m in layers.items() if cfg.quantize and n not in stack_layers and (
         not quantize.is_4bit_linear(m.get_base_layer()) or not interop.is_bnb_lora(m))]
+    not_4bit += [n for n, m in stack_layers.items() if not isinstance(m, experts.ExpertsLora)]
+    if stacks and set(layers) != expected:
+        raise QMiLoRAError(f"PEFT placed adapters on {sorted(set(layers) ^ expected)[0]} unlike the decomposition: PEFT "
+                           f"rewrites LoRA targets of {base.config.model_type} models named like its transformers-v4 "
+                           "expert layers; name the targets with --target_modules (e.g. attention and experts)")
     if set(layers) != expected or not_4bit:
         raise RuntimeError(f"PEFT wrapped {sorted(set(layers) ^ expected) or not_4bit} "
                            "unlike the decomposition; this is a bug in qmilora")

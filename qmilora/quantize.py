@@ -67,6 +67,41 @@ def _param(data: torch.Tensor, state: QuantState, out_dtype: torch.dtype) -> bnb
                              quant_storage=torch.uint8, bnb_quantized=True)
 
 
+def quantize_experts(stack: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool,
+                     out_dtype: torch.dtype) -> bnb.nn.Params4bit:
+    """Quantize a stack of expert weights (experts, a, b) in one call: bitsandbytes' blocks run over the flattened
+    stack, so with a·b a multiple of `blocksize` no block straddles two experts and `dequantize_expert` can read
+    any one expert alone."""
+    experts, a, b = stack.shape
+    if (a * b) % blocksize:
+        raise ValueError(f"an expert weight of {a}x{b} is not a whole number of {blocksize}-blocks")
+    return quantize(stack, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, out_dtype=out_dtype)
+
+
+def dequantize_expert(param: bnb.nn.Params4bit, expert: int) -> torch.Tensor:
+    """Expert `expert` (a, b) of a `quantize_experts` stack, bit-identical to `dequantize(param)[expert]`, reading
+    only that expert's codes and absmax (for double quantization, the 8-bit absmax blocks that cover them)."""
+    state = param.quant_state
+    _, a, b = state.shape
+    n, bs = a * b, state.blocksize
+    lo, hi = expert * n // bs, (expert + 1) * n // bs  # this expert's absmax entries
+    if state.nested:
+        inner = state.state2
+        first, last = lo // inner.blocksize, -(-hi // inner.blocksize)
+        codes = state.absmax[first * inner.blocksize: last * inner.blocksize]
+        covering = QuantState(absmax=inner.absmax[first:last], code=inner.code, blocksize=inner.blocksize,
+                              dtype=torch.float32)
+        from bitsandbytes.functional import dequantize_blockwise
+
+        absmax = dequantize_blockwise(codes, covering)[lo - first * inner.blocksize: hi - first * inner.blocksize]
+        absmax = absmax + state.offset
+    else:
+        absmax = state.absmax[lo:hi]
+    one = QuantState(absmax=absmax.float(), shape=torch.Size([a, b]), code=state.code, blocksize=bs,
+                     quant_type=state.quant_type, dtype=state.dtype)
+    return dequantize_4bit(param.data.view(-1)[expert * n // 2: (expert + 1) * n // 2], one)
+
+
 def dequantize(param: bnb.nn.Params4bit) -> torch.Tensor:
     """The weight a 4-bit layer actually multiplies with (out, in), in its quant state's dtype."""
     return dequantize_4bit(param.data, param.quant_state)
@@ -131,5 +166,5 @@ def is_cpu_packed(param: torch.Tensor) -> bool:
     return bool(getattr(getattr(param, "quant_state", None), "packing_format_for_cpu", False))
 
 
-__all__ = ["QuantState", "empty_4bit_linear", "is_4bit_param", "quantize", "quantize_calibrated", "pack", "unpack", "dequantize", "round_trip", "set_weight", "is_4bit_linear",
+__all__ = ["QuantState", "empty_4bit_linear", "is_4bit_param", "quantize", "quantize_experts", "dequantize_expert", "quantize_calibrated", "pack", "unpack", "dequantize", "round_trip", "set_weight", "is_4bit_linear",
            "is_quantized_module", "keep_training_layout", "is_cpu_packed"]

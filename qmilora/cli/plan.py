@@ -8,7 +8,7 @@ from . import parse_flags, run
 from ..config import QMiLoRAConfig
 from dataclasses import replace
 
-from ..plan import PlanConfig, plan
+from ..plan import PlanConfig, parse_size, plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("activations" + (f" ({p['offloaded_gb']:.2f} GB offloaded to host)" if cfg.offload_activations else ""),
                  p["activations_gb"]),
                 ("logits" + (" (chunked loss)" if cfg.chunked_loss else " (model's loss)"), p["logits_gb"]),
+                *([("routed experts' weights kept for one layer's backward", p["routed_experts_gb"])]
+                  if p["num_experts"] else []),
                 ("one weight's SVD workspace (prepare)", p["svd_workspace_gb"])]
         for label, gb in rows:
             print(f"{label:<50} {gb:8.2f} GB")
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "fits" if p["fits"] else "does NOT fit"
         per = f" per GPU, on each of {p['num_gpus']} (data parallel: {p['global_batch_tokens']:,} tokens per step)" \
             if p["num_gpus"] > 1 else ""
+        if p["num_experts"]:
+            print(f"MoE: {p['num_experts']} experts per layer, {p['top_k']} routed per token; "
+                  f"{p['total_params'] / 1e9:.2f}B parameters, {p['active_params'] / 1e9:.2f}B active per token")
         print(f"{p['adapter_params']:,} trainable parameters; {verdict} in {p['gpu_gb']:.0f} GB{per}")
         if not p["fits"]:
             print(advice(cfg, qcfg, hf_config))
@@ -61,7 +66,14 @@ def advice(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> str:
         seq //= 2
     if seq >= 1 and plan(replace(options, max_seq_length=seq), qcfg, hf_config)["fits"]:
         return f"fits with --max_seq_length {seq} --chunked_loss true --offload_activations true"
-    return "does not fit at any sequence length: the weights alone exceed the card"
+    card = parse_size(cfg.gpu_memory)
+    if plan(options, qcfg, hf_config)["quantized_weights_gb"] * 2**30 > card:
+        return "does not fit at any sequence length: the weights alone exceed the card"
+    rank = qcfg.rank
+    while rank > 1 and not plan(replace(options, max_seq_length=1), replace(qcfg, rank=rank), hf_config)["fits"]:
+        rank //= 2
+    return (f"the adapters and their optimizer state do not fit: lower --rank (at most {rank} fits with short "
+            "sequences) or adapt fewer weights (--target_modules)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,196 @@
+"""Mixture-of-experts weights: each expert's matrix split like a linear layer's, stored as one 4-bit stack, and a
+forward that dequantizes only the experts the router picked.
+
+transformers keeps the experts of a MoE layer as 3-D parameters (experts, out, in), or (experts, in, out) where the
+class declares `is_transposed`, on a module decorated with `use_experts_implementation`; its forward is chosen by
+name from the experts interface (`config._experts_implementation`). QMiLoRA registers one more name there,
+"qmilora", which runs the model's own eager forward, in which `self.<param>[e]` now yields
+
+    W_e = dequant(NF4 residual)_e + s · B_e A_e      (the adapter of expert e, PEFT's layout, see below)
+
+for the routed experts only. The adapters are PEFT's LoRA on parameters (`LoraConfig.target_parameters`), whose
+per-expert factors are lora_A (r·E, in) = [A_0; …; A_E-1] and lora_B (out, r·E) with B_e in columns e, E+e, … (its
+`ParamWrapper` layout), so a saved adapter loads in plain PEFT. Training uses `ExpertsLora`, a `ParamWrapper` that
+hands the factors to the forward above instead of adding a delta to the whole stack (PEFT's way, which would
+dequantize every expert on every step). Routers stay in the compute dtype, unadapted.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from peft.tuners.lora.layer import ParamWrapper
+from transformers.integrations.moe import ExpertsInterface
+
+from . import quantize
+from .config import QMiLoRAError
+
+log = logging.getLogger("qmilora")
+IMPLEMENTATION = "qmilora"
+
+
+def experts_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{name: module} of every module that owns a 3-D parameter; refuses one that transformers cannot route
+    through its experts interface (its layout is then unknown)."""
+    found = {}
+    for name, module in model.named_modules():
+        if any(is_stack(p) for p in module.parameters(recurse=False)):
+            if not routable(module):
+                param = next(n for n, p in module.named_parameters(recurse=False) if is_stack(p))
+                raise QMiLoRAError(f"{name}.{param} is a 3-D parameter of {type(module).__name__}, whose layout "
+                                   "transformers does not declare (no experts interface): QMiLoRA cannot quantize or "
+                                   "adapt it")
+            found[name] = module
+    return found
+
+
+def is_stack(param: torch.Tensor) -> bool:
+    """A 3-D parameter, or a 4-bit stack made from one."""
+    state = getattr(param, "quant_state", None)
+    return param.dim() > 2 or (quantize.is_4bit_param(param) and state is not None and len(state.shape) == 3)
+
+
+def routable(module: torch.nn.Module) -> bool:
+    """An experts module built by transformers' `use_experts_implementation` (it declares its weight layout)."""
+    return hasattr(module, "is_transposed") and hasattr(type(module).forward, "__wrapped__")
+
+
+def expert_params(model: torch.nn.Module) -> dict[str, tuple[int, int, int]]:
+    """{full parameter name: (experts, out, in)} of every expert weight stack."""
+    out = {}
+    for name, module in experts_modules(model).items():
+        for pname, param in module.named_parameters(recurse=False):
+            if quantize.is_4bit_param(param) and is_stack(param):
+                out[f"{name}.{pname}"] = tuple(param.quant_state.shape)  # kept (experts, out, in)
+            elif param.dim() == 3:
+                e, a, b = param.shape
+                out[f"{name}.{pname}"] = (e, b, a) if module.is_transposed else (e, a, b)
+    return out
+
+
+def use_routed_forward(model: torch.nn.Module) -> None:
+    """Route every experts module of `model` through `routed_forward`."""
+    for module in experts_modules(model).values():
+        module.config._experts_implementation = IMPLEMENTATION
+
+
+class _Weights:
+    """`stack[e]` of an expert parameter as the eager forward reads it: dequantized (if 4-bit) plus the adapter."""
+
+    def __init__(self, module, name: str, param, lora):
+        self.module, self.name, self.param, self.lora = module, name, param, lora
+
+    def __getitem__(self, expert):
+        e, transposed = int(expert), self.module.is_transposed
+        if quantize.is_4bit_param(self.param):
+            w = quantize.dequantize_expert(self.param, e)  # 4-bit stacks are kept (experts, out, in)
+        else:
+            w = self.param[e].T if transposed else self.param[e]
+        if self.lora is not None:
+            A, B, scaling = self.lora  # (E, r, in), (E, out, r)
+            w = w + (scaling * (B[e] @ A[e])).to(w.dtype)
+        return w.T if transposed else w
+
+    def __getattr__(self, attr):
+        # an eager forward that uses the whole stack (e.g. one bmm over all experts) gets all of it, dequantized
+        log.warning("qmilora: %s uses all its experts at once; the whole stack is dequantized", type(self.module).__name__)
+        whole = torch.stack([self[e] for e in range(self.module_experts)])
+        return getattr(whole, attr)
+
+    @property
+    def module_experts(self) -> int:
+        return self.param.quant_state.shape[0] if quantize.is_4bit_param(self.param) else self.param.shape[0]
+
+
+class _View:
+    """The experts module as its eager forward sees it under QMiLoRA: expert parameters replaced by `_Weights`."""
+
+    def __init__(self, module, weights: dict):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_weights", weights)
+
+    def __getattr__(self, attr):
+        weights = object.__getattribute__(self, "_weights")
+        return weights[attr] if attr in weights else getattr(object.__getattribute__(self, "_module"), attr)
+
+
+def routed_forward(module, *args, **kwargs):
+    """The model's eager experts forward, reading each routed expert's weight through `_Weights`."""
+    lora = getattr(module, "_qmilora_lora", {})
+    weights = {n: _Weights(module, n, p, lora.get(n)) for n, p in module.named_parameters(recurse=False)
+               if is_stack(p)}
+    return type(module).forward.__wrapped__(_View(module, weights), *args, **kwargs)
+
+
+ExpertsInterface.register(IMPLEMENTATION, routed_forward)
+
+
+class ExpertsLora(ParamWrapper):
+    """PEFT's LoRA on one expert parameter, computed per routed expert by `routed_forward` (its state dict, config
+    and adapter files are `ParamWrapper`'s). The wrapped parameter may be a 4-bit stack."""
+
+    def _get_in_out_features(self, module):
+        param = self.get_param()
+        if quantize.is_4bit_param(param):
+            e, out_features, in_features = param.quant_state.shape  # 4-bit stacks are kept (experts, out, in)
+            self.num_experts, self._param_ndim = e, 3
+            # as ParamWrapper reads the module's own layout: it swaps the two where that is (experts, out, in)
+            transposed = getattr(self.get_base_layer(), "is_transposed", False)
+            return (in_features, out_features) if transposed else (out_features, in_features)
+        return super()._get_in_out_features(module)
+
+    def factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A (E, r, in), B (E, out, r), scaling) of `adapter`: ΔW_e = scaling · B_e A_e, (out, in)."""
+        A = self.lora_A[adapter].weight
+        B = self.lora_B[adapter].weight
+        return (A.reshape(self.num_experts, -1, A.shape[-1]),
+                B.reshape(B.shape[0], -1, self.num_experts).permute(2, 0, 1), self.scaling[adapter])
+
+    @contextlib.contextmanager
+    def _activate_lora(self, active_adapters):
+        adapters = [a for a in active_adapters if a in self.lora_A]
+        if not adapters:
+            yield
+            return
+        if len(adapters) > 1:
+            raise QMiLoRAError("QMiLoRA's expert adapters run one adapter at a time")
+        experts = self.get_base_layer()
+        store = experts.__dict__.setdefault("_qmilora_lora", {})
+        store[self.parameter_name] = self.factors(adapters[0])
+        try:
+            yield
+        finally:
+            store.pop(self.parameter_name, None)
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        if quantize.is_4bit_param(self.get_param()):
+            raise QMiLoRAError("a 4-bit expert stack cannot take a merged adapter; export with qmilora-export --to merged")
+        super().merge(safe_merge, adapter_names)
+
+
+# PEFT nests a second parameter's wrapper around the first only if that one's class is *named* ParamWrapper (its
+# tuners_utils checks the name to avoid a circular import); two stacks on one experts module need the nesting.
+ExpertsLora.__name__ = ExpertsLora.__qualname__ = ParamWrapper.__name__
+
+
+def lora_layers(peft_model) -> dict[str, ExpertsLora]:
+    """{full expert parameter name in the base model: its LoRA layer}."""
+    out = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, ParamWrapper):
+            owner = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            out[f"{owner}.{module.parameter_name}"] = module
+    return out
+
+
+def adapter_paths(peft_model) -> dict[str, str]:
+    """{full expert parameter name: the module path that its adapter's keys carry in PEFT's files (nested wrappers:
+    `…experts.base_layer`)}."""
+    return {f"{n.removeprefix('base_model.model.').replace('.base_layer', '')}.{m.parameter_name}":
+            n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, ParamWrapper)}
+
+
+def to_peft_layout(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert factors A (E, r, in), B (E, out, r) as PEFT's lora_A (r·E, in) and lora_B (out, r·E)."""
+    return A.reshape(-1, A.shape[-1]).contiguous(), B.permute(1, 2, 0).reshape(B.shape[1], -1).contiguous()

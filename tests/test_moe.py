@@ -1,0 +1,259 @@
+"""Mixture-of-experts models (issue 14): every expert's matrix split on its own, the residual stacks stored in 4 bits,
+only routed experts dequantized, PEFT's parameter LoRA for the adapters. Float64 checks against the checkpoint."""
+import copy
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+from qmilora import QMiLoRAConfig, QMiLoRAError, prepare_model, quantize
+from qmilora.experts import lora_layers as stack_layers
+from qmilora.interop import lora_layers
+
+from conftest import tiny_tokenizer
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=128, max_position_embeddings=128, head_dim=16, pad_token_id=0)
+# family: (config extras, what its layout adds)
+FAMILIES = {
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),  # Hub layout: experts apart
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),  # w1/w3/w2 per expert, fused on load
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2),  # (experts, in, out) stacks with biases
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,  # + a shared expert
+                      shared_expert_intermediate_size=64),
+}
+RANK, IDS = 4, torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def build(family, directory, fused=False, **extra):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **{**TINY, **FAMILIES[family], **extra})).eval()
+    model.save_pretrained(directory, max_shard_size="100KB")  # transformers' own save: its Hub layout
+    if fused:  # the layout the model holds (experts fused), which transformers loads as well
+        from safetensors.torch import save_file
+
+        for f in directory.glob("*.safetensors*"):
+            f.unlink()
+        (directory / "model.safetensors.index.json").unlink(missing_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors",
+                  metadata={"format": "pt"})
+    return model
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def stacks_of(model):
+    """{full name: (experts, out, in) float64} of the reference model's expert stacks."""
+    out = {}
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() == 3:
+                w = p.detach().double()
+                out[f"{name}.{pname}"] = w.transpose(1, 2) if module.is_transposed else w
+    return out
+
+
+def nf4_everything(ref):
+    """QLoRA's rounding applied to every linear weight and expert stack (transformers' own 4-bit load leaves expert
+    stacks in full precision, so it is no fair reference for a 4-bit MoE)."""
+    model = copy.deepcopy(ref)
+    head = model.get_output_embeddings()
+    kw = dict(quant_type="nf4", blocksize=64, double_quant=True)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head:
+                module.weight.copy_(quantize.round_trip(module.weight.float(), **kw))
+            for p in module.parameters(recurse=False):
+                if p.dim() == 3:
+                    p.copy_(quantize.round_trip(p.float(), **kw))
+    return model
+
+
+def test_expert_dequantization_reads_one_expert_bit_exactly():
+    torch.manual_seed(0)
+    for double_quant in (True, False):
+        stack = torch.randn(7, 128, 96)  # 192 absmax per expert: 8-bit absmax blocks of 256 straddle experts
+        param = quantize.quantize_experts(stack, quant_type="nf4", blocksize=64, double_quant=double_quant,
+                                          out_dtype=torch.float32)
+        whole = quantize.dequantize(param)
+        assert torch.equal(whole, quantize.round_trip(stack, quant_type="nf4", blocksize=64, double_quant=double_quant))
+        for e in range(7):
+            assert torch.equal(quantize.dequantize_expert(param, e), whole[e])
+    with pytest.raises(ValueError, match="whole number of 64-blocks"):
+        quantize.quantize_experts(torch.randn(2, 10, 10), quant_type="nf4", blocksize=64, double_quant=True,
+                                  out_dtype=torch.float32)
+
+
+def check_family(family, directory, ref, cache):
+    with torch.no_grad():
+        expected = ref(IDS).logits
+    plain = prepare_model(directory, rank=RANK, quantize=False, cache_dir=cache)
+    with torch.no_grad():
+        assert rel(plain(input_ids=IDS).logits, expected) < 1e-5, family
+    model = prepare_model(directory, rank=RANK, cache_dir=cache)
+    stats = model.qmilora_stats
+    assert stats.expert_stacks == stats.stacks_decomposed == 2 * TINY["num_hidden_layers"]
+    assert stats.routers and all("expert" not in r for r in stats.routers)
+    layers = stack_layers(model)
+    reference = stacks_of(ref)
+    assert set(layers) == set(reference)
+    for name, layer in layers.items():
+        A, B, s = layer.factors("default")
+        W = reference[name]
+        param = getattr(layer.get_base_layer(), layer.parameter_name)
+        assert quantize.is_4bit_param(param) and not param.requires_grad
+        residual = []
+        for e in range(W.shape[0]):
+            U, S, Vh = torch.linalg.svd(W[e], full_matrices=False)
+            minor = (U[:, -RANK:] * S[-RANK:]) @ Vh[-RANK:]  # the r smallest triplets of expert e
+            delta = s * B[e].double() @ A[e].double()
+            assert rel(delta, minor) < 1e-5, (family, name, e)
+            residual.append(W[e].float() - delta.float())
+        nf4 = quantize.round_trip(torch.stack(residual), quant_type="nf4", blocksize=64, double_quant=True)
+        assert rel(quantize.dequantize(param).float(), nf4) < 1e-6, (family, name)
+    # routers stay in the compute dtype, unadapted
+    for router in stats.routers:
+        p = model.get_base_model().get_parameter(router)
+        assert not quantize.is_4bit_param(p) and not p.requires_grad
+    # logits at init: no further off than QLoRA's rounding of the same weights (experts included)
+    with torch.no_grad():
+        ours, theirs = rel(model(input_ids=IDS).logits, expected), rel(nf4_everything(ref)(IDS).logits, expected)
+    assert ours < 1.25 * theirs, (family, ours, theirs)
+    # one training step: finite, non-zero gradients on every adapter, nothing else trains
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n for n in trainable)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+               for n, p in trainable.items() if "experts" in n or "self_attn" in n), family
+    return ours, theirs
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow),
+                                    pytest.param("gpt_oss", marks=pytest.mark.slow),
+                                    pytest.param("qwen2_moe", marks=pytest.mark.slow)])
+def test_moe_family(family, tmp_path):
+    d = tmp_path / family
+    ref = build(family, d)
+    check_family(family, str(d), ref, str(tmp_path / "cache"))
+
+
+@pytest.mark.slow
+def test_fused_save_layout(tmp_path):
+    d = tmp_path / "fused"
+    ref = build("qwen3_moe", d, fused=True)
+    check_family("qwen3_moe", str(d), ref, str(tmp_path / "cache"))
+
+
+def test_only_routed_experts_are_dequantized(tmp_path, monkeypatch):
+    d = tmp_path / "m"
+    build("qwen3_moe", d)
+    model = prepare_model(str(d), rank=RANK, cache_dir=str(tmp_path / "c")).eval()
+    import qmilora.experts as experts_module
+
+    read, whole = [], []
+    real = quantize.dequantize_expert
+    monkeypatch.setattr(experts_module.quantize, "dequantize_expert", lambda p, e: read.append(e) or real(p, e))
+    monkeypatch.setattr(experts_module.quantize, "dequantize", lambda p: whole.append(p))
+    with torch.no_grad():
+        model(input_ids=IDS[:1, :1])  # one token: top-2 of 4 experts in each of 2 layers, 2 stacks each
+    assert len(read) == 2 * 2 * 2 and not whole
+
+
+def test_router_is_not_adapted_even_where_peft_would(tmp_path):
+    """PEFT resolves "all-linear" on Qwen3-MoE/Mixtral-like models to their routers too (its transformers-v4
+    compatibility); QMiLoRA passes the resolved names so routers stay unadapted."""
+    d = tmp_path / "m"
+    build("qwen3_moe", d)
+    model = prepare_model(str(d), rank=RANK, cache_dir=str(tmp_path / "c"))
+    assert not any(".gate." in n or n.endswith(".gate") for n in {**lora_layers(model), **stack_layers(model)})
+    assert model.peft_config["default"].lora_dropout == 0  # plain PEFT loads expert adapters only without dropout
+
+
+def test_named_experts_target_and_rank_check(tmp_path):
+    d = tmp_path / "m"
+    build("qwen3_moe", d)
+    model = prepare_model(str(d), rank=RANK, target_modules=["q_proj", "experts"], cache_dir=str(tmp_path / "c"))
+    assert len(stack_layers(model)) == 4 and len(lora_layers(model)) == 2
+    with pytest.raises(QMiLoRAError, match=r"rank 32 is too large for .*experts\.down_proj \(64x32\)"):
+        prepare_model(str(d), rank=32, target_modules=["experts"], cache_dir=str(tmp_path / "c"))
+
+
+def test_undeclared_expert_layout_is_refused_by_name(tmp_path):
+    """JetMoE keeps 3-D expert weights in modules transformers' experts interface does not route (no declared
+    layout): refused naming the layer type, never left in full precision without a word."""
+    d = tmp_path / "jetmoe"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "jetmoe", hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16, intermediate_size=64,
+        vocab_size=128, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)).save_pretrained(d)
+    with pytest.raises(QMiLoRAError, match=r"is a 3-D parameter of JetMoe\w+, whose layout transformers does not declare"):
+        prepare_model(str(d), rank=RANK, cache_dir=str(tmp_path / "c"))
+    from qmilora.cli.plan import main as plan_main  # the plan refuses it too
+
+    assert plan_main(["--model", str(d), "--rank", str(RANK)]) == 1
+
+
+def test_plan_weight_bytes_match_a_prepared_moe(tmp_path):
+    from qmilora.plan import PlanConfig, count, plan
+
+    d = tmp_path / "m"
+    build("qwen3_moe", d, hidden_size=128, moe_intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
+          head_dim=32)  # every weight fills whole blocks of 256 absmax values
+    hf = AutoConfig.from_pretrained(d)
+    qcfg = QMiLoRAConfig(rank=RANK, compute_dtype="float32", cache_dir=str(tmp_path / "c"))
+    model = prepare_model(str(d), qcfg)
+
+    def state_bytes(qs):
+        tensors = [qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code, qs.offset] if qs.nested else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    four_bit = [p for p in model.parameters() if quantize.is_4bit_param(p)]
+    packed = sum(p.numel() * p.element_size() + state_bytes(p.quant_state) for p in four_bit)
+    other = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if "lora_" not in n and not quantize.is_4bit_param(p))
+    p = plan(PlanConfig(model=str(d)), qcfg, hf)
+    constants = len(four_bit) * (16 + 256 + 1) * 4  # per quantized tensor: code tables and offset
+    assert p["quantized_weights_gb"] * 2**30 == pytest.approx(packed + other - constants, abs=1)
+    c = count(hf, ["all-linear"], RANK)
+    assert RANK * c["adapter_in_out"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert c["num_experts"] == 4 and c["top_k"] == 2
+    assert c["active_params"] == c["total_params"] - c["experts"] + 2 * 2 * (128 * 128 + 128 * 64)
+
+
+@pytest.mark.slow
+def test_moe_train_export_and_reload(tmp_path):
+    """Train through the CLI, export both ways: --to merged equals the original base plus the exported LoRA loaded
+    by plain PEFT; the trained adapter reloads onto a fresh preparation."""
+    from peft import PeftModel
+
+    from qmilora.cli.export import main as export_main
+    from qmilora.cli.train import main as train_main
+
+    tok = tiny_tokenizer()
+    d = tmp_path / "moe"
+    build("qwen3_moe", d, vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+          pad_token_id=tok.pad_token_id)
+    tok.save_pretrained(d)
+    out = tmp_path / "run"
+    assert train_main(["--model", str(d), "--output_dir", str(out), "--cache_dir", str(tmp_path / "c"), "--rank", "4",
+                       "--max_steps", "3", "--learning_rate", "5e-2", "--max_seq_length", "48",
+                       "--save_strategy", "no", "--disable_tqdm", "true"]) == 0
+    assert export_main(["--adapter", str(out), "--to", "merged", "--output", str(tmp_path / "merged")]) == 0
+    assert export_main(["--adapter", str(out), "--to", "lora", "--output", str(tmp_path / "lora")]) == 0
+    ids = torch.randint(1, len(tok), (1, 10), generator=torch.Generator().manual_seed(2))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with_lora = PeftModel.from_pretrained(base, str(tmp_path / "lora")).eval()
+    original = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b, c = merged(ids).logits, with_lora(input_ids=ids).logits, original(ids).logits
+    assert rel(a, b) < 1e-5 and rel(a, c) > 1e-3  # trained: it moved, and both exports agree
+    # the run's adapter on a fresh 4-bit preparation: training is reproduced up to NF4 (same as the run's model)
+    fresh = prepare_model(str(d), rank=4, cache_dir=str(tmp_path / "c"))
+    fresh.load_adapter(str(out), adapter_name="trained", is_trainable=False)
+    fresh.set_adapter("trained")
+    with torch.no_grad():
+        assert rel(fresh(input_ids=ids).logits, a) < 0.3
