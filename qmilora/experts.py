@@ -35,6 +35,8 @@ def experts_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     through its experts interface (its layout is then unknown)."""
     found = {}
     for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            continue  # a convolution's kernel (e.g. in linear-attention layers): kept as transformers keeps it
         if any(is_stack(p) for p in module.parameters(recurse=False)):
             if not routable(module):
                 param = next(n for n, p in module.named_parameters(recurse=False) if is_stack(p))
@@ -67,6 +69,19 @@ def expert_params(model: torch.nn.Module) -> dict[str, tuple[int, int, int]]:
                 e, a, b = param.shape
                 out[f"{name}.{pname}"] = (e, b, a) if module.is_transposed else (e, a, b)
     return out
+
+
+def router_layers(model: torch.nn.Module) -> set[str]:
+    """Linear layers that route tokens to experts: in the block that holds an experts module (beside it), with one
+    output per expert. They stay as transformers builds them, unquantized and unadapted."""
+    found = set()
+    modules = dict(model.named_modules())
+    for path, module in experts_modules(model).items():
+        count = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+        block = path.rpartition(".")[0]
+        found |= {n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and m.out_features == count
+                  and n.startswith(block + ".") and not n.startswith(path + ".")}
+    return found
 
 
 def use_routed_forward(model: torch.nn.Module) -> None:

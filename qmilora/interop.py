@@ -17,6 +17,8 @@ which returns the 4-bit parameter (or, unquantized, the residual). Nothing here 
 from __future__ import annotations
 
 import contextlib
+import functools
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ class LoadJob:
     convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None
     # MoE expert stacks, by full parameter name: `convert` receives them as W (experts, out, in) float32 too
     experts: set[str] = field(default_factory=set)
+    keep: set[str] = field(default_factory=set)  # linear layers left as they are (MoE routers): not converted
 
 
 _JOBS: dict[str, LoadJob] = {}
@@ -80,6 +83,11 @@ class QMiLoRAQuantizer(Bnb4BitHfQuantizer):
         layer, _, name = param_name.rpartition(".")
         return (name == "weight" and layer in job.layers) or param_name in job.experts
 
+    def get_modules_to_not_convert(self, model, skip_modules=None, keep_in_fp32_modules=None, add_default_skips=False):
+        names = super().get_modules_to_not_convert(model, skip_modules, keep_in_fp32_modules, add_default_skips)
+        job = self.job  # transformers reads each entry as a regex from a name's start: exact names, escaped
+        return sorted(set(names) | {re.escape(n) for n in (job.keep if job is not None else ())})
+
     def _process_model_before_weight_loading(self, model, device_map, **kwargs):
         job = self.job
         if job is not None and not job.quantize:
@@ -91,8 +99,7 @@ class QMiLoRAQuantizer(Bnb4BitHfQuantizer):
                     and not quantize.is_4bit_linear(module) and not any(name == s or name.endswith("." + s) or
                                                                       name.startswith(s + ".") for s in skip)):
                 if not acts_as_linear(type(module)):
-                    raise ValueError(f"layer {name} is a {type(module).__name__}, an nn.Linear subclass whose forward is "
-                                     "not a plain linear map: QMiLoRA cannot quantize or adapt it")
+                    continue  # e.g. a MoE router built on nn.Linear: kept in full precision, as transformers keeps it
                 parent, _, child = name.rpartition(".")
                 replacement = quantize.empty_4bit_linear(
                     module.in_features, module.out_features, module.bias is not None,
@@ -198,6 +205,7 @@ def is_conv1d(module: torch.nn.Module) -> bool:
     return isinstance(module, Conv1D) or issubclass(getattr(module, "source_cls", type(None)), Conv1D)
 
 
+@functools.cache
 def acts_as_linear(cls: type) -> bool:
     """Whether an nn.Linear subclass computes x @ Wᵀ + b (checked on a small instance, not by its name)."""
     # the surgery runs under a meta-device context (init_empty_weights, from_pretrained's device mode): the probe and
@@ -220,8 +228,29 @@ def acts_as_linear(cls: type) -> bool:
 
 
 def linear_like(module: torch.nn.Module) -> bool:
-    """A layer "all-linear" covers: nn.Linear (and subclasses) or transformers' Conv1D."""
-    return isinstance(module, (torch.nn.Linear, Conv1D))
+    """A layer "all-linear" covers: nn.Linear, its subclasses that compute a plain linear map (not, e.g., a router
+    that picks experts in its forward), or transformers' Conv1D."""
+    if isinstance(module, Conv1D) or type(module) is torch.nn.Linear:
+        return True
+    return isinstance(module, torch.nn.Linear) and acts_as_linear(type(module))
+
+
+def opaque_linear(module: torch.nn.Module) -> bool:
+    """An nn.Linear subclass whose forward is not a plain linear map: neither quantized nor adapted."""
+    return isinstance(module, torch.nn.Linear) and not quantize.is_4bit_linear(module) and not linear_like(module)
+
+
+def peft_renamed_targets(model_type: str) -> set[str]:
+    """Layer names PEFT rewrites into MoE expert-parameter targets on `model_type` models, whatever module they name
+    (its compatibility with LoRA configs written for transformers v4, `peft.utils.transformers_weight_conversion`):
+    a linear layer with such a name cannot carry an adapter that PEFT would load back onto it."""
+    from peft.utils import transformers_weight_conversion as v4
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    pattern = v4._MODEL_TO_CONVERSION_PATTERN.get(model_type)
+    if get_checkpoint_conversion_mapping(model_type) is None or not v4._MOE_FUSED_TARGETS.get(pattern):
+        return set()
+    return set(v4._MOE_TARGET_MODULE_MAPPING.get(pattern, {}))
 
 
 @contextlib.contextmanager

@@ -46,6 +46,7 @@ class PrepareStats:
     stacks_decomposed: int = 0
     experts: int = 0
     routers: list[str] = field(default_factory=list)
+    unadaptable: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
@@ -62,6 +63,9 @@ class PrepareStats:
                      + f", {self.stacks_decomposed} stacks decomposed expert by expert")
         if self.routers:
             what += f"; {len(self.routers)} routers kept in full precision, unadapted, e.g. {self.routers[0]}"
+        if self.unadaptable:
+            what += (f"; {len(self.unadaptable)} layers quantized without adapter because PEFT re-targets LoRA on "
+                     f"layers so named to MoE experts on this model type, e.g. {self.unadaptable[0]}")
         if self.too_small:
             what += (f"; {len(self.too_small)} layers too small for the rank quantized without adapter, e.g. "
                      f"{self.too_small[0]}")
@@ -100,7 +104,7 @@ def _prepare(model, cfg: QMiLoRAConfig) -> PeftModel:
         # transformers loads from the model's own state dict (views, no copy) exactly as from a checkpoint
         base, factors, stats = _load(dict(model_class=type(model), pretrained_model_name_or_path=None,
                                           config=model.config, state_dict=model.state_dict()), skel, cfg, hessians)
-        peft_model = _wrap(base, cfg, factors=factors, excluded=skel.excluded)
+        peft_model = _wrap(base, cfg, factors=factors, excluded=skel.excluded + skel.kept)
         peft_model.qmilora_source_identity = None  # an in-memory model has no checkpoint to identify
     elif isinstance(model, torch.nn.Module):
         raise QMiLoRAError(f"prepare_model takes a transformers PreTrainedModel or a checkpoint path, got {type(model).__name__}")
@@ -160,12 +164,12 @@ def _prepare_checkpoint(source: str, cfg: QMiLoRAConfig) -> tuple[PeftModel, Pre
     if not cfg.prepared_cache or skel.stacks:
         if skel.stacks and cfg.prepared_cache:
             log.info("qmilora: MoE preparations are not cached yet (4-bit expert stacks have no file format here)")
-        model = _wrap(base, cfg, factors=factors, excluded=skel.excluded)
+        model = _wrap(base, cfg, factors=factors, excluded=skel.excluded + skel.kept)
     else:
         def save(base_dir: str, adapter_dir: str) -> None:
             nonlocal model
             base.save_pretrained(base_dir)  # before PEFT wraps (and so changes) its modules
-            model = _wrap(base, cfg, factors=factors, excluded=skel.excluded)
+            model = _wrap(base, cfg, factors=factors, excluded=skel.excluded + skel.kept)
             model.save_pretrained(adapter_dir)
 
         model = None
@@ -226,6 +230,8 @@ class Skeleton:
     stacks: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # MoE expert stacks: (experts, out, in)
     routers: list[str] = field(default_factory=list)
     experts_classes: set[type] = field(default_factory=set)
+    kept: list[str] = field(default_factory=list)  # nn.Linear subclasses that are no plain linear map (routers)
+    unadaptable: list[str] = field(default_factory=list)  # names PEFT would re-target (see interop.peft_renamed_targets)
 
     @property
     def expert_targets(self) -> list[str]:
@@ -239,16 +245,24 @@ def skeleton(hf_config, cfg: QMiLoRAConfig) -> Skeleton:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     stacks = experts.expert_params(model)  # refuses 3-D weights transformers cannot route
+    job.keep = experts.router_layers(model)
     if cfg.quantize:
         # the surgery from_pretrained will do (transformers' own, plus linear subclasses)
         interop.install_4bit_layers(model, job, cfg.resolved_device)
         layers = {n for n, m in model.named_modules() if quantize.is_4bit_linear(m)}
     else:
-        layers = set(linear_layers(model))
+        layers = set(linear_layers(model)) - job.keep
     job.layers, job.experts = layers, set(stacks)
     targets, excluded = resolve_targets(model, layers, cfg.target_modules, cfg.rank, stacks)
-    return Skeleton(job, targets, excluded, stacks, routers(model, layers),
-                    {type(m) for m in experts.experts_modules(model).values()})
+    renamed = interop.peft_renamed_targets(hf_config.model_type)
+    unadaptable = sorted(n for n in targets - set(stacks) if n.rpartition(".")[2] in renamed)
+    if unadaptable and cfg.target_modules != ["all-linear"]:
+        raise QMiLoRAError(f"{unadaptable[0]} cannot carry an adapter on a {hf_config.model_type} model: PEFT reads a "
+                           f"LoRA target named {unadaptable[0].rpartition('.')[2]!r} there as a transformers-v4 MoE "
+                           "expert and would load it elsewhere; leave it out of --target_modules")
+    kept = sorted({n for n, m in model.named_modules() if interop.opaque_linear(m)} | job.keep)
+    return Skeleton(job, targets - set(unadaptable), excluded, stacks, routers(model, layers),
+                    {type(m) for m in experts.experts_modules(model).values()}, kept, unadaptable)
 
 
 def routers(model: torch.nn.Module, layers: set[str]) -> list[str]:
@@ -288,7 +302,8 @@ def _load(load_kwargs: dict, skel: Skeleton, cfg: QMiLoRAConfig, hessians: dict[
     device, svd_device, dtype = cfg.resolved_device, cfg.resolved_svd_device, cfg.torch_compute_dtype
     threads = torch.get_num_threads()  # prepare_model set it from cfg.threads
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    stats = PrepareStats(too_small=list(skel.excluded), routers=list(skel.routers))
+    stats = PrepareStats(too_small=list(skel.excluded), routers=list(skel.routers),
+                         unadaptable=list(skel.unadaptable))
     kwargs = dict(quant_type=cfg.quant_type, blocksize=cfg.blocksize, double_quant=cfg.double_quant, out_dtype=dtype)
 
     def split(weight: torch.Tensor) -> decompose.MinorSplit:
@@ -397,8 +412,9 @@ def select_targets(model: torch.nn.Module, target_modules: list[str], linear: se
     for target in target_modules:
         hits = {n for n, _ in model.named_modules() if matches(n, target)}
         in_stacks = {s for s in stacks or {} if matches(s, target) or matches(s.rpartition(".")[0], target)}
-        if in_stacks:
-            chosen |= in_stacks
+        chosen |= in_stacks
+        hits -= {s.rpartition(".")[0] for s in in_stacks}  # the experts modules themselves
+        if in_stacks and not hits:
             continue
         if not hits:
             kinds = sorted({n.rpartition(".")[2] for n in linear})
@@ -431,13 +447,18 @@ def visit_target_weights(directory: str, cfg: QMiLoRAConfig, visit, on_start=Non
     def convert(layer: str, value: torch.Tensor) -> torch.Tensor:
         weight = _checked(layer, value).float()
         if layer in skel.targets:
-            visit(layer, weight)
-        return quantize.quantize(weight, quant_type=cfg.quant_type, blocksize=cfg.blocksize,
-                                 double_quant=cfg.double_quant, out_dtype=torch.float32) if cfg.quantize else weight
+            for name, w in ([(f"{layer}.{e}", w) for e, w in enumerate(weight)] if weight.dim() == 3
+                            else [(layer, weight)]):  # a MoE stack: one matrix per expert
+                visit(name, w)
+        if not cfg.quantize:
+            return weight
+        fn = quantize.quantize_experts if weight.dim() == 3 else quantize.quantize
+        return fn(weight, quant_type=cfg.quant_type, blocksize=cfg.blocksize, double_quant=cfg.double_quant,
+                  out_dtype=torch.float32)
 
     skel.job.convert = convert
     if on_start is not None:
-        on_start(len(skel.targets))
+        on_start(sum(skel.stacks[n][0] if n in skel.stacks else 1 for n in skel.targets))  # matrices to visit
     interop.from_pretrained(skel.job, AutoModelForCausalLM, pretrained_model_name_or_path=directory,
                             dtype=torch.float32, device_map={"": "cpu"})
 
