@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-from qmilora import QMiLoRAError, prepare_model
+from qmilora import prepare_model
 from qmilora.interop import is_conv1d, lora_layers
 from qmilora.quantize import dequantize, round_trip
 
