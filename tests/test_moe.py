@@ -221,6 +221,13 @@ def test_named_experts_target_and_rank_check(tmp_path):
     assert len(stack_layers(model)) == 4 and len(lora_layers(model)) == 2
     with pytest.raises(QMiLoRAError, match=r"rank 32 is too large for .*experts\.down_proj \(64x32\)"):
         prepare_model(str(d), rank=32, target_modules=["experts"], cache_dir=str(tmp_path / "c"))
+    # under all-linear a stack too small for the rank is quantized without adapter and named, never a crash
+    model = prepare_model(str(d), rank=32, cache_dir=str(tmp_path / "c"))
+    assert sorted(stack_layers(model)) == [f"model.layers.{i}.mlp.experts.gate_up_proj" for i in (0, 1)]
+    assert "model.layers.0.mlp.experts.down_proj" in model.qmilora_stats.too_small
+    (down,) = [p for n, p in model.named_parameters() if "layers.0.mlp.experts" in n and n.endswith(".down_proj")]
+    assert quantize.is_4bit_param(down)
+    model(input_ids=IDS, labels=IDS).loss.backward()
 
 
 def test_undeclared_expert_layout_is_refused_by_name(tmp_path):
