@@ -240,17 +240,34 @@ def opaque_linear(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) and not quantize.is_4bit_linear(module) and not linear_like(module)
 
 
-def peft_renamed_targets(model_type: str) -> set[str]:
-    """Layer names PEFT rewrites into MoE expert-parameter targets on `model_type` models, whatever module they name
-    (its compatibility with LoRA configs written for transformers v4, `peft.utils.transformers_weight_conversion`):
-    a linear layer with such a name cannot carry an adapter that PEFT would load back onto it."""
+def peft_unadaptable(model: torch.nn.Module, names: list[str]) -> dict[str, str]:
+    """{layer: why} for linear layers PEFT will not put a LoRA adapter on (or not load one back onto) in `model`,
+    by PEFT's own rules for its model type:
+    - a name PEFT rewrites into a MoE expert-parameter target (its compatibility with LoRA configs written for
+      transformers v4, `peft.utils.transformers_weight_conversion`), whatever module it names;
+    - a module PEFT refuses outright on that model type (e.g. Mamba's `out_proj`)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
     from peft.utils import transformers_weight_conversion as v4
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
+    model_type = getattr(model.config, "model_type", None)
     pattern = v4._MODEL_TO_CONVERSION_PATTERN.get(model_type)
-    if get_checkpoint_conversion_mapping(model_type) is None or not v4._MOE_FUSED_TARGETS.get(pattern):
-        return set()
-    return set(v4._MOE_TARGET_MODULE_MAPPING.get(pattern, {}))
+    renamed = set(v4._MOE_TARGET_MODULE_MAPPING.get(pattern, {})) if (
+        get_checkpoint_conversion_mapping(model_type) is not None and v4._MOE_FUSED_TARGETS.get(pattern)) else set()
+    probe = LoraConfig(target_modules=["-"])
+    out = {}
+    for name in names:
+        leaf = name.rpartition(".")[2]
+        if leaf in renamed:
+            out[name] = (f"PEFT reads a LoRA target named {leaf!r} on {model_type} models as a transformers-v4 MoE "
+                         "expert and would load it elsewhere")
+            continue
+        try:
+            _check_lora_target_modules_mamba(probe, model, leaf)
+        except ValueError as err:
+            out[name] = str(err).split("] ", 1)[-1].split(". ")[0]
+    return out
 
 
 @contextlib.contextmanager

@@ -64,8 +64,8 @@ class PrepareStats:
         if self.routers:
             what += f"; {len(self.routers)} routers kept in full precision, unadapted, e.g. {self.routers[0]}"
         if self.unadaptable:
-            what += (f"; {len(self.unadaptable)} layers quantized without adapter because PEFT re-targets LoRA on "
-                     f"layers so named to MoE experts on this model type, e.g. {self.unadaptable[0]}")
+            what += (f"; {len(self.unadaptable)} layers quantized without adapter because PEFT does not adapt them on "
+                     f"this model type, e.g. {self.unadaptable[0]}")
         if self.too_small:
             what += (f"; {len(self.too_small)} layers too small for the rank quantized without adapter, e.g. "
                      f"{self.too_small[0]}")
@@ -104,17 +104,50 @@ def _prepare(model, cfg: QMiLoRAConfig) -> PeftModel:
         # transformers loads from the model's own state dict (views, no copy) exactly as from a checkpoint
         base, factors, stats = _load(dict(model_class=type(model), pretrained_model_name_or_path=None,
                                           config=model.config, state_dict=model.state_dict()), skel, cfg, hessians)
-        peft_model = _wrap(base, cfg, factors=factors, excluded=skel.excluded + skel.kept)
+        peft_model = _wrap(base, cfg, factors=factors, excluded=skel.excluded + skel.kept + skel.unadaptable)
         peft_model.qmilora_source_identity = None  # an in-memory model has no checkpoint to identify
     elif isinstance(model, torch.nn.Module):
         raise QMiLoRAError(f"prepare_model takes a transformers PreTrainedModel or a checkpoint path, got {type(model).__name__}")
     else:
         peft_model, stats = _prepare_checkpoint(str(model), cfg)
+    check_layers_run(peft_model)
     stats.seconds = time.perf_counter() - t0
     _record_peaks(stats, cfg.resolved_device)
     peft_model.qmilora_stats = stats
     tqdm.write(stats.summary(), file=sys.stderr)  # beside the progress bar, logging configured or not
     return peft_model
+
+
+def check_layers_run(model: PeftModel) -> None:
+    """One token through the prepared model: every 4-bit or adapted layer must run its own forward whenever the
+    module around it runs. A model that reads such a layer's weight directly (Mamba's `dt_proj.weight @ x`) would
+    multiply with packed 4-bit codes, or bypass the adapter: refused naming the layer."""
+    base = model.get_base_model()
+    watched = {n: m for n, m in base.named_modules() if quantize.is_4bit_linear(m)}
+    watched.update({n.removesuffix(".base_layer"): m for n, m in interop.lora_layers(model).items()})
+    parents = {n.rpartition(".")[0] for n in watched}
+    ran: set[str] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: ran.add(name))
+             for n, m in {**{p: base.get_submodule(p) for p in parents}, **watched}.items()]
+    vocab = base.get_input_embeddings().num_embeddings
+    token = next((t for t in (base.config.bos_token_id, base.config.eos_token_id) if isinstance(t, int) and t < vocab), 0)
+    device = base.get_input_embeddings().weight.device
+    failure = None
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[token]], device=device))
+    except Exception as err:  # a crash in a layer that read packed codes: name that layer below if one was bypassed
+        failure = err
+    finally:
+        for h in hooks:
+            h.remove()
+    bypassed = sorted(n for n in watched if n not in ran and n.rpartition(".")[0] in ran)
+    if bypassed:
+        owner = type(base.get_submodule(bypassed[0].rpartition(".")[0])).__name__
+        raise QMiLoRAError(f"{owner} reads the weight of {bypassed[0]} directly instead of calling the layer: QMiLoRA "
+                           "cannot quantize or adapt it (transformers' own 4-bit loading fails on it as well)")
+    if failure is not None:
+        raise failure
 
 
 def refuse_quantized_model(model: torch.nn.Module) -> None:
@@ -164,12 +197,12 @@ def _prepare_checkpoint(source: str, cfg: QMiLoRAConfig) -> tuple[PeftModel, Pre
     if not cfg.prepared_cache or skel.stacks:
         if skel.stacks and cfg.prepared_cache:
             log.info("qmilora: MoE preparations are not cached yet (4-bit expert stacks have no file format here)")
-        model = _wrap(base, cfg, factors=factors, excluded=skel.excluded + skel.kept)
+        model = _wrap(base, cfg, factors=factors, excluded=skel.excluded + skel.kept + skel.unadaptable)
     else:
         def save(base_dir: str, adapter_dir: str) -> None:
             nonlocal model
             base.save_pretrained(base_dir)  # before PEFT wraps (and so changes) its modules
-            model = _wrap(base, cfg, factors=factors, excluded=skel.excluded + skel.kept)
+            model = _wrap(base, cfg, factors=factors, excluded=skel.excluded + skel.kept + skel.unadaptable)
             model.save_pretrained(adapter_dir)
 
         model = None
@@ -254,12 +287,11 @@ def skeleton(hf_config, cfg: QMiLoRAConfig) -> Skeleton:
         layers = set(linear_layers(model)) - job.keep
     job.layers, job.experts = layers, set(stacks)
     targets, excluded = resolve_targets(model, layers, cfg.target_modules, cfg.rank, stacks)
-    renamed = interop.peft_renamed_targets(hf_config.model_type)
-    unadaptable = sorted(n for n in targets - set(stacks) if n.rpartition(".")[2] in renamed)
+    why = interop.peft_unadaptable(model, sorted(targets - set(stacks)))
+    unadaptable = sorted(why)
     if unadaptable and cfg.target_modules != ["all-linear"]:
-        raise QMiLoRAError(f"{unadaptable[0]} cannot carry an adapter on a {hf_config.model_type} model: PEFT reads a "
-                           f"LoRA target named {unadaptable[0].rpartition('.')[2]!r} there as a transformers-v4 MoE "
-                           "expert and would load it elsewhere; leave it out of --target_modules")
+        raise QMiLoRAError(f"{unadaptable[0]} cannot carry an adapter: {why[unadaptable[0]]}; leave it out of "
+                           "--target_modules")
     kept = sorted({n for n, m in model.named_modules() if interop.opaque_linear(m)} | job.keep)
     return Skeleton(job, targets - set(unadaptable), excluded, stacks, routers(model, layers),
                     {type(m) for m in experts.experts_modules(model).values()}, kept, unadaptable)
@@ -486,7 +518,8 @@ def _wrap(base: PreTrainedModel, cfg: QMiLoRAConfig, *, factors=None, excluded: 
     # to float32, twice their memory in bf16. They stay in the compute dtype; only the adapters are float32.
     for param in base.parameters():
         param.requires_grad_(False)
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if base.supports_gradient_checkpointing:  # not every architecture does (e.g. CTRL); training then goes without
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     stacks = experts.expert_params(base)
     classes = {type(m): experts.ExpertsLora for m in experts.experts_modules(base).values()}
     dropout = cfg.lora_dropout

@@ -160,6 +160,10 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
     with args.main_process_first(local=True, desc="QMiLoRA preparation"):
         model = prepare_model(directory, qcfg)
     meta["source"]["identity"] = model.qmilora_source_identity
+    if args.activation_checkpointing and not model.get_base_model().supports_gradient_checkpointing:
+        log.warning("qmilora: %s does not support activation checkpointing; training without it (more memory)",
+                    type(model.get_base_model()).__name__)
+        args.activation_checkpointing = False
     if main:
         folder.write_initial(model)
         folder.update(source=meta["source"], state="training")

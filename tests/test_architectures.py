@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-from qmilora import prepare_model
+from qmilora import QMiLoRAError, prepare_model
 from qmilora.interop import is_conv1d, lora_layers
 from qmilora.quantize import dequantize, round_trip
 
@@ -20,7 +20,7 @@ EXTRA = {"gptj": {"rotary_dim": 8}, "codegen": {"rotary_dim": 8},
 # (family, what makes its layout special); the first ones run in the fast tier
 FAST = ["llama", "gpt2", "falcon", "gpt_neox"]
 SLOW = ["opt", "phi3", "gemma2", "bloom", "qwen3", "mpt", "gpt_bigcode", "starcoder2", "codegen", "cohere", "gptj",
-        "olmo2", "stablelm", "persimmon"]
+        "olmo2", "stablelm", "persimmon", "ctrl", "falcon_mamba", "falcon_h1"]  # no checkpointing; PEFT's Mamba rules
 RANK, IDS = 4, torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
@@ -154,3 +154,38 @@ def test_gpt2_train_and_export(tmp_path):
         a, b, c = merged(ids).logits, with_lora(input_ids=ids).logits, original(ids).logits
     assert rel(a, c) > 1e-3  # training moved the model, so the comparison below is not vacuous
     assert rel(a, b) < 1e-5
+
+
+def test_layer_whose_weight_is_read_directly_is_refused(tmp_path):
+    """Mamba multiplies with `dt_proj.weight` instead of calling the layer: 4-bit codes would be used as a matrix
+    (transformers' own 4-bit load crashes there) and, unquantized, the adapter would be bypassed without a word."""
+    d = tmp_path / "mamba"
+    build("mamba", d)
+    for quantize in (True, False):
+        with pytest.raises(QMiLoRAError, match=r"MambaMixer reads the weight of backbone\.layers\.0\.mixer\.dt_proj "
+                                               "directly"):
+            prepare_model(str(d), rank=2, quantize=quantize, cache_dir=str(tmp_path / "c"))
+
+
+def test_modules_peft_refuses_are_quantized_without_adapter(tmp_path):
+    """PEFT refuses LoRA on Mamba-type models' out_proj: under all-linear it stays 4-bit without adapter, named."""
+    d = tmp_path / "fm"
+    build("falcon_mamba", d)
+    model = prepare_model(str(d), rank=2, cache_dir=str(tmp_path / "c"))
+    assert "backbone.layers.0.mixer.out_proj" in model.qmilora_stats.unadaptable
+    assert "backbone.layers.0.mixer.out_proj" not in lora_layers(model)
+    with pytest.raises(QMiLoRAError, match=r"out_proj cannot carry an adapter: Module 'out_proj' is incompatible"):
+        prepare_model(str(d), rank=2, target_modules=["out_proj"], cache_dir=str(tmp_path / "c"))
+
+
+@pytest.mark.slow
+def test_model_without_activation_checkpointing_trains(tmp_path):
+    from qmilora.cli.train import main as train_main
+
+    tok = tiny_tokenizer()
+    d = tmp_path / "ctrl"
+    build("ctrl", d, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    tok.save_pretrained(d)
+    assert train_main(["--model", str(d), "--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "c"),
+                       "--rank", "2", "--max_steps", "2", "--max_seq_length", "32", "--save_strategy", "no",
+                       "--disable_tqdm", "true"]) == 0

@@ -196,8 +196,8 @@ def test_layers_peft_would_retarget_are_quantized_without_adapter(tmp_path):
     model = prepare_model(str(d), rank=RANK, cache_dir=str(tmp_path / "c"))
     blocked = model.qmilora_stats.unadaptable
     assert "model.layers.0.mlp.down_proj" in blocked and not set(blocked) & set(lora_layers(model))
-    assert "PEFT re-targets" in model.qmilora_stats.summary()
-    with pytest.raises(QMiLoRAError, match=r"mlp\.down_proj cannot carry an adapter on a glm4_moe model"):
+    assert "PEFT does not adapt them" in model.qmilora_stats.summary()
+    with pytest.raises(QMiLoRAError, match=r"mlp\.down_proj cannot carry an adapter: PEFT reads a LoRA target named .down_proj. on glm4_moe"):
         prepare_model(str(d), rank=RANK, target_modules=["q_proj", "down_proj"], cache_dir=str(tmp_path / "c"))
 
 
