@@ -48,9 +48,12 @@ def experts_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def is_stack(param: torch.Tensor) -> bool:
-    """A 3-D parameter, or a 4-bit stack made from one."""
+    """A stack of matrices (a parameter above 2-D whose last two sizes both exceed 1), or a 4-bit stack made from
+    one. Broadcast vectors such as RWKV's (1, 1, hidden) mixing weights are no stack."""
     state = getattr(param, "quant_state", None)
-    return param.dim() > 2 or (quantize.is_4bit_param(param) and state is not None and len(state.shape) == 3)
+    if quantize.is_4bit_param(param):
+        return state is not None and len(state.shape) == 3
+    return param.dim() > 2 and param.shape[-1] > 1 and param.shape[-2] > 1
 
 
 def routable(module: torch.nn.Module) -> bool:
@@ -65,7 +68,7 @@ def expert_params(model: torch.nn.Module) -> dict[str, tuple[int, int, int]]:
         for pname, param in module.named_parameters(recurse=False):
             if quantize.is_4bit_param(param) and is_stack(param):
                 out[f"{name}.{pname}"] = tuple(param.quant_state.shape)  # kept (experts, out, in)
-            elif param.dim() == 3:
+            elif param.dim() == 3 and is_stack(param):
                 e, a, b = param.shape
                 out[f"{name}.{pname}"] = (e, b, a) if module.is_transposed else (e, a, b)
     return out
@@ -77,7 +80,7 @@ def router_layers(model: torch.nn.Module) -> set[str]:
     found = set()
     modules = dict(model.named_modules())
     for path, module in experts_modules(model).items():
-        count = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+        count = next(p.shape[0] for p in module.parameters(recurse=False) if is_stack(p))
         block = path.rpartition(".")[0]
         found |= {n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and m.out_features == count
                   and n.startswith(block + ".") and not n.startswith(path + ".")}

@@ -99,7 +99,7 @@ def _count(config_json: str, config_class: type, target_modules: tuple[str, ...]
             adapter += e * (in_f + out_f)
         largest = max(largest, (out_f, in_f), key=lambda s: s[0] * s[1])
     stack_ids = {id(p) for m in experts.experts_modules(model).values() for p in m.parameters(recurse=False)
-                 if p.dim() == 3}
+                 if experts.is_stack(p)}
     other = sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids | stack_ids)
     cfg = model.config
     top_k = next((getattr(c, a) for c in (cfg, getattr(cfg, "text_config", None)) if c is not None

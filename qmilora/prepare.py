@@ -120,8 +120,9 @@ def _prepare(model, cfg: QMiLoRAConfig) -> PeftModel:
 
 def check_layers_run(model: PeftModel) -> None:
     """One token through the prepared model: every 4-bit or adapted layer must run its own forward whenever the
-    module around it runs. A model that reads such a layer's weight directly (Mamba's `dt_proj.weight @ x`) would
-    multiply with packed 4-bit codes, or bypass the adapter: refused naming the layer."""
+    module around it runs, and keep its weight as it is. A model that reads such a layer's weight directly (Mamba's
+    `dt_proj.weight @ x`) would multiply with packed 4-bit codes or bypass the adapter; one that rescales weights in
+    place (RWKV in eval mode) would leave the adapter behind: refused naming the layer."""
     base = model.get_base_model()
     watched = {n: m for n, m in base.named_modules() if quantize.is_4bit_linear(m)}
     watched.update({n.removesuffix(".base_layer"): m for n, m in interop.lora_layers(model).items()})
@@ -129,8 +130,11 @@ def check_layers_run(model: PeftModel) -> None:
     ran: set[str] = set()
     hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: ran.add(name))
              for n, m in {**{p: base.get_submodule(p) for p in parents}, **watched}.items()]
+    weight = lambda m: (m.get_base_layer() if hasattr(m, "get_base_layer") else m).weight  # noqa: E731
+    versions = {n: weight(m)._version for n, m in watched.items()}
     vocab = base.get_input_embeddings().num_embeddings
-    token = next((t for t in (base.config.bos_token_id, base.config.eos_token_id) if isinstance(t, int) and t < vocab), 0)
+    token = next((t for t in (getattr(base.config, "bos_token_id", None), getattr(base.config, "eos_token_id", None))
+                  if isinstance(t, int) and t < vocab), 0)
     device = base.get_input_embeddings().weight.device
     failure = None
     try:
@@ -147,7 +151,12 @@ def check_layers_run(model: PeftModel) -> None:
         raise QMiLoRAError(f"{owner} reads the weight of {bypassed[0]} directly instead of calling the layer: QMiLoRA "
                            "cannot quantize or adapt it (transformers' own 4-bit loading fails on it as well)")
     if failure is not None:
-        raise failure
+        raise QMiLoRAError(f"the prepared {type(base).__name__} fails on its first token ({type(failure).__name__}: "
+                           f"{str(failure).strip().splitlines()[0] if str(failure).strip() else ''})") from failure
+    changed = sorted(n for n, m in watched.items() if weight(m)._version != versions[n])
+    if changed:
+        raise QMiLoRAError(f"{type(base).__name__} changes the weight of {changed[0]} in place during its forward (e.g. "
+                           "rescaling it): QMiLoRA cannot quantize or adapt such a layer, whose adapter would not follow")
 
 
 def refuse_quantized_model(model: torch.nn.Module) -> None:

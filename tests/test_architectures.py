@@ -167,6 +167,17 @@ def test_layer_whose_weight_is_read_directly_is_refused(tmp_path):
             prepare_model(str(d), rank=2, quantize=quantize, cache_dir=str(tmp_path / "c"))
 
 
+def test_weight_changed_in_place_by_the_forward_is_refused(tmp_path):
+    """RWKV rescales its output weights in place on an eval-mode forward: an adapter would not be rescaled with them."""
+    d = tmp_path / "rwkv"
+    build("rwkv", d)
+    with pytest.raises(QMiLoRAError, match=r"RwkvForCausalLM changes the weight of rwkv\.blocks\.0\.attention\.output "
+                                           "in place"):
+        prepare_model(str(d), rank=2, quantize=False, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(QMiLoRAError, match=r"the prepared RwkvForCausalLM fails on its first token"):
+        prepare_model(str(d), rank=2, cache_dir=str(tmp_path / "c"))  # 4-bit: its rescaling cannot re-set the weight
+
+
 def test_modules_peft_refuses_are_quantized_without_adapter(tmp_path):
     """PEFT refuses LoRA on Mamba-type models' out_proj: under all-linear it stays 4-bit without adapter, named."""
     d = tmp_path / "fm"
