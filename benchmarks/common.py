@@ -133,6 +133,13 @@ SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256),
     "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, vocab_size=32000),
+    # MoE: two layers of Qwen3-30B-A3B (128 experts of 768, 8 routed per token), and a CPU-sized one
+    "qwen3-moe-2l": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                         num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                         num_experts=128, num_experts_per_tok=8, vocab_size=151936),
+    "tinymoe": dict(model_type="qwen3_moe", hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=32, num_experts=8,
+                    num_experts_per_tok=2, vocab_size=4096),
 }
 
 
@@ -149,17 +156,20 @@ def llm_like(out: int, inp: int, generator=None, device=None) -> torch.Tensor:
 
 
 def write_random_checkpoint(shape: str, directory: str, dtype=torch.bfloat16) -> float:
-    """A random-weight Llama of a named shape as sharded safetensors, built layer by layer on the meta device so
-    that a 13B shape never sits in memory whole. Returns the checkpoint size in GB."""
+    """A random-weight model of a named shape (Llama unless the shape names a model_type) as sharded safetensors,
+    built tensor by tensor on the meta device so that a 13B shape never sits in memory whole; MoE expert stacks get
+    an LLM-like spectrum per expert. Returns the checkpoint size in GB."""
     import json
 
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False, dtype=dtype)
+    spec = dict(SHAPES[shape])
+    config = AutoConfig.for_model(spec.pop("model_type", "llama"), **spec, max_position_embeddings=4096,
+                                  tie_word_embeddings=False, dtype=dtype)
     with init_empty_weights():
-        skeleton = LlamaForCausalLM(config)
+        skeleton = AutoModelForCausalLM.from_config(config)
     os.makedirs(directory, exist_ok=True)
     config.save_pretrained(directory)
     from qmilora.prepare import linear_layers
@@ -181,6 +191,8 @@ def write_random_checkpoint(shape: str, directory: str, dtype=torch.bfloat16) ->
             t = torch.ones(param.shape, dtype=dtype)
         elif name in linear:  # the layers QMiLoRA decomposes
             t = llm_like(*param.shape, generator=g).to("cpu", dtype)
+        elif param.dim() == 3:  # a MoE expert stack: one LLM-like matrix per expert
+            t = torch.stack([llm_like(*param.shape[1:], generator=g).to("cpu", dtype) for _ in range(param.shape[0])])
         else:  # embeddings and head: fan-in scaled Gaussian
             t = (torch.randn(param.shape, generator=g) / param.shape[-1] ** 0.5).to(dtype)
         shard[name] = t

@@ -13,9 +13,10 @@ python -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.
 
 if [ "${1:-}" = "--tiny" ]; then
   shapes=(96x64 128x96); model=128,256,2; prep=tiny; train=tiny; seq=32; steps=2; rank=8; long=""; tests=""
+  moe=tinymoe
 else
   shapes=(4096x4096 11008x4096 13824x5120); model=""; prep=llama2-7b; train=llama2-7b; seq=2048; steps=20
-  rank=64; long=llama3-8b; tests=1
+  rank=64; long=llama3-8b; tests=1; moe=qwen3-moe-2l
 fi
 dev=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 
@@ -28,6 +29,8 @@ python train.py --shape $train --seq $seq --steps $steps --warmup 2 --rank $rank
 if [ -n "$long" ]; then  # long context at a Llama-3 vocabulary
   python train.py --shape $long --seq 8192 --steps 5 --warmup 1 --rank $rank
 fi
+# 3b. MoE: two Qwen3-30B-A3B layers (4-bit expert stacks, routed-only dequantization) against PEFT's QLoRA
+python train.py --shape $moe --seq $seq --steps $(( steps < 5 ? steps : 5 )) --warmup 1 --rank $(( rank < 16 ? rank : 16 ))
 # 4. the plan beside the measured peaks
 results=${QMILORA_BENCH_RESULTS:-results}
 python plan_check.py "$results"/train-$train-$dev*.json "$results"/prepare-$prep-$dev.json \

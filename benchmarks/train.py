@@ -10,6 +10,10 @@ process, so its peak memory is its own. Methods:
     python benchmarks/train.py --shape tiny --seq 256 --steps 10                                   # CPU
     python benchmarks/train.py --shape bigvocab --seq 512 --steps 10 --compute_dtype bfloat16       # CPU, 128k vocab
     python benchmarks/train.py --shape llama2-7b --seq 2048 --steps 20                             # CUDA
+    python benchmarks/train.py --shape qwen3-moe-2l --seq 2048 --steps 10                          # CUDA, MoE
+
+On a MoE shape QLoRA is what PEFT makes of it: transformers leaves the expert stacks unquantized (upcast to float32
+by PEFT's k-bit preparation) and PEFT's "all-linear" adapts them, and the routers, with its parameter LoRA.
 
 Prints a table with QMiLoRA/QLoRA ratios and writes benchmarks/results/train-<shape>-<device>.json.
 """
@@ -41,7 +45,9 @@ def build(method: str, directory: str, rank: int, device: torch.device, compute_
                                                  device_map={"": device})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    moe = any(p.dim() == 3 for p in model.parameters())  # PEFT adapts expert stacks only without dropout
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0 if moe else 0.05, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 

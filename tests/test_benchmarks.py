@@ -21,11 +21,12 @@ def test_gpu_suite_runs_at_tiny_shapes_on_cpu(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     results = {f: json.load(open(tmp_path / f)) for f in os.listdir(tmp_path)}
     assert set(results) == {"decompose-cpu.json", "prepare-tiny-cpu.json", "train-tiny-cpu.json",
-                            "plan-check-cpu.json"}, sorted(results)
+                            "train-tinymoe-cpu.json", "plan-check-cpu.json"}, sorted(results)
     for name, result in results.items():
         assert result["rows"] and result["machine"]["torch"] and result["machine"]["command"], name
-    methods = [r["method"] for r in results["train-tiny-cpu.json"]["rows"]]
-    assert methods[:3] == ["qlora", "qmilora-model-loss", "qmilora"]
+    for name in ("train-tiny-cpu.json", "train-tinymoe-cpu.json"):
+        methods = [r["method"] for r in results[name]["rows"]]
+        assert methods[:3] == ["qlora", "qmilora-model-loss", "qmilora"], name
     assert {r["method"] for r in results["plan-check-cpu.json"]["rows"]} == {"qmilora", "qmilora-model-loss",
                                                                           "qmilora-auto"}
     assert out.stdout.count("| ") > 10 and "content identity" in out.stdout  # the markdown tables
