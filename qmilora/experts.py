@@ -48,12 +48,13 @@ def experts_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def is_stack(param: torch.Tensor) -> bool:
-    """A stack of matrices (a parameter above 2-D whose last two sizes both exceed 1), or a 4-bit stack made from
-    one. Broadcast vectors such as RWKV's (1, 1, hidden) mixing weights are no stack."""
+    """A stack of matrices, (experts, a, b) with every size above 1 (how transformers holds MoE experts), or a 4-bit
+    stack made from one. Broadcast tensors such as RWKV's (1, 1, hidden) mixing weights, or a 4-D position
+    embedding, are no stack."""
     state = getattr(param, "quant_state", None)
     if quantize.is_4bit_param(param):
         return state is not None and len(state.shape) == 3
-    return param.dim() > 2 and param.shape[-1] > 1 and param.shape[-2] > 1
+    return param.dim() == 3 and all(size > 1 for size in param.shape)
 
 
 def routable(module: torch.nn.Module) -> bool:

@@ -145,7 +145,10 @@ def check_layers_run(model: PeftModel) -> None:
     finally:
         for h in hooks:
             h.remove()
-    bypassed = sorted(n for n in watched if n not in ran and n.rpartition(".")[0] in ran)
+    # a layer that did not run while its module did, beside watched layers of that module that did run (a layer
+    # unused on text input, e.g. a vision projection, has no such sibling)
+    bypassed = sorted(n for n in watched if n not in ran and n.rpartition(".")[0] in ran
+                      and any(o in ran and o.rpartition(".")[0] == n.rpartition(".")[0] for o in watched))
     if bypassed:
         owner = type(base.get_submodule(bypassed[0].rpartition(".")[0])).__name__
         raise QMiLoRAError(f"{owner} reads the weight of {bypassed[0]} directly instead of calling the layer: QMiLoRA "
