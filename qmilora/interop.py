@@ -12,7 +12,10 @@ which returns the 4-bit parameter (or, unquantized, the residual). Nothing here 
 
 - transformers: `register_quantizer` / `register_quantization_config`, `Bnb4BitHfQuantizer`'s surgery and
   bitsandbytes (de)serialization, `ConversionOps`, `Conv1D`'s (in, out) storage.
-- PEFT: which LoRA layer class wraps which base layer (its bitsandbytes layer is chosen only for 4-bit-marked models).
+- PEFT: which LoRA layer class wraps which base layer (its bitsandbytes layer is chosen only for 4-bit-marked models);
+  its per-model-type target rules (the transformers-v4 MoE re-targeting tables, its Mamba check), asked, not copied.
+
+MoE expert stacks (transformers' experts interface, PEFT's parameter LoRA) have their own module, `experts`.
 """
 from __future__ import annotations
 
