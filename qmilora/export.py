@@ -97,11 +97,11 @@ def to_merged(adapter_dir: str, output: str, model: str | None = None, overwrite
         scaling = (cfg := json.load(f))["lora_alpha"] / cfg["r"]
     delta = _factors(load_file(os.path.join(adapter_dir, ADAPTER_FILE)),
                      load_file(os.path.join(adapter_dir, INITIAL, ADAPTER_FILE)))
-    if cfg.get("target_parameters"):
-        return _merged_through_loader(directory, adapter_dir, cfg, delta, scaling, output, overwrite)
     files = checkpoint.shard_files(directory)
     checkpoint.check_free_space(os.path.dirname(os.path.abspath(output)), sum(map(os.path.getsize, files)),
                                 "the merged model")
+    if cfg.get("target_parameters"):
+        return _merged_through_loader(directory, adapter_dir, cfg, delta, scaling, output, overwrite)
     stored_transposed, prefix = _layout(directory)
     with _output(output, overwrite) as tmp:
         for path in files:  # one shard in memory at a time

@@ -136,45 +136,29 @@ class _MinorSplitConvert(ConversionOps):
             value = value[0] if isinstance(value, list) else value
             layer_name = param_name.rpartition(".")[0]
             module = model.get_submodule(layer_name)
-            if param_name in job.experts:
-                out[param_name] = self.convert_experts(job, param_name, value, module)
-                continue
-            stored_transposed = is_conv1d(module)
-            weight = value.T if stored_transposed else value  # (out, in), as the forward multiplies
-            expected = out_in(module)
+            if param_name in job.experts:  # a MoE stack, after transformers' own conversions (experts fused)
+                key, transposed, swap = param_name, module.is_transposed, lambda t: t.transpose(1, 2)
+                stored = tuple(getattr(module, param_name.rpartition(".")[2]).shape)
+                expected = (stored[0], stored[2], stored[1]) if transposed else stored
+            else:
+                key, transposed, swap = layer_name, is_conv1d(module), lambda t: t.T
+                expected = out_in(module)
+            weight = swap(value) if transposed else value  # (…, out, in), as the forward multiplies
             if tuple(weight.shape) != expected:
                 raise _Abort(QMiLoRAError(
                     f"checkpoint tensor {param_name} holds a {tuple(weight.shape)} weight where config.json describes "
-                    f"{expected} (out, in): the weights and the config do not belong together"))
+                    f"{expected} ({'experts, ' if key == param_name else ''}out, in): the weights and the config do "
+                    "not belong together"))
             try:
-                result = job.convert(layer_name, weight)
+                result = job.convert(key, weight)
             except Exception as err:
                 raise _Abort(err) from err
-            if not quantize.is_4bit_param(result) and isinstance(module, Conv1D):
-                result = result.T.contiguous()  # unquantized: back into the Conv1D's own storage
+            if transposed and not quantize.is_4bit_param(result):
+                result = swap(result).contiguous()  # unquantized: back into the module's own layout
+            # (a 4-bit stack stays (experts, out, in): `experts` reads it in the module's orientation)
             module._is_hf_initialized = True
             out[param_name] = result
         return out
-
-
-    @staticmethod
-    def convert_experts(job: LoadJob, param_name: str, value: torch.Tensor, module: torch.nn.Module):
-        """An expert stack, after transformers' own conversions (e.g. per-expert tensors fused), as (experts, out, in)."""
-        transposed = module.is_transposed
-        stack = value.transpose(1, 2) if transposed else value
-        expected = tuple(getattr(module, param_name.rpartition(".")[2]).shape)
-        if tuple(value.shape) != expected:
-            raise _Abort(QMiLoRAError(
-                f"checkpoint tensor {param_name} holds a {tuple(value.shape)} stack where config.json describes "
-                f"{expected}: the weights and the config do not belong together"))
-        try:
-            result = job.convert(param_name, stack)
-        except Exception as err:
-            raise _Abort(err) from err
-        if transposed and not quantize.is_4bit_param(result):
-            result = result.transpose(1, 2).contiguous()  # unquantized: back into the module's own layout
-        module._is_hf_initialized = True
-        return result  # a 4-bit stack stays (experts, out, in): `experts` reads it in the module's orientation
 
 
 class _Abort(BaseException):

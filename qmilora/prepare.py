@@ -104,7 +104,7 @@ def _prepare(model, cfg: QMiLoRAConfig) -> PeftModel:
         # transformers loads from the model's own state dict (views, no copy) exactly as from a checkpoint
         base, factors, stats = _load(dict(model_class=type(model), pretrained_model_name_or_path=None,
                                           config=model.config, state_dict=model.state_dict()), skel, cfg, hessians)
-        peft_model = _wrap(base, cfg, factors=factors, excluded=skel.excluded + skel.kept + skel.unadaptable)
+        peft_model = _wrap(base, cfg, factors=factors, excluded=skel.peft_excluded)
         peft_model.qmilora_source_identity = None  # an in-memory model has no checkpoint to identify
     elif isinstance(model, torch.nn.Module):
         raise QMiLoRAError(f"prepare_model takes a transformers PreTrainedModel or a checkpoint path, got {type(model).__name__}")
@@ -209,12 +209,12 @@ def _prepare_checkpoint(source: str, cfg: QMiLoRAConfig) -> tuple[PeftModel, Pre
     if not cfg.prepared_cache or skel.stacks:
         if skel.stacks and cfg.prepared_cache:
             log.info("qmilora: MoE preparations are not cached yet (4-bit expert stacks have no file format here)")
-        model = _wrap(base, cfg, factors=factors, excluded=skel.excluded + skel.kept + skel.unadaptable)
+        model = _wrap(base, cfg, factors=factors, excluded=skel.peft_excluded)
     else:
         def save(base_dir: str, adapter_dir: str) -> None:
             nonlocal model
             base.save_pretrained(base_dir)  # before PEFT wraps (and so changes) its modules
-            model = _wrap(base, cfg, factors=factors, excluded=skel.excluded + skel.kept + skel.unadaptable)
+            model = _wrap(base, cfg, factors=factors, excluded=skel.peft_excluded)
             model.save_pretrained(adapter_dir)
 
         model = None
@@ -274,13 +274,13 @@ class Skeleton:
     excluded: list[str]
     stacks: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # MoE expert stacks: (experts, out, in)
     routers: list[str] = field(default_factory=list)
-    experts_classes: set[type] = field(default_factory=set)
-    kept: list[str] = field(default_factory=list)  # nn.Linear subclasses that are no plain linear map (routers)
-    unadaptable: list[str] = field(default_factory=list)  # names PEFT would re-target (see interop.peft_renamed_targets)
+    kept: list[str] = field(default_factory=list)  # linear layers left as they are (routers)
+    unadaptable: list[str] = field(default_factory=list)  # layers PEFT would not adapt (interop.peft_unadaptable)
 
     @property
-    def expert_targets(self) -> list[str]:
-        return sorted(self.targets & set(self.stacks))
+    def peft_excluded(self) -> list[str]:
+        """Linear layers that must get no LoRA layer from PEFT's "all-linear"."""
+        return self.excluded + self.kept + self.unadaptable
 
 
 def skeleton(hf_config, cfg: QMiLoRAConfig) -> Skeleton:
@@ -304,9 +304,13 @@ def skeleton(hf_config, cfg: QMiLoRAConfig) -> Skeleton:
     if unadaptable and cfg.target_modules != ["all-linear"]:
         raise QMiLoRAError(f"{unadaptable[0]} cannot carry an adapter: {why[unadaptable[0]]}; leave it out of "
                            "--target_modules")
+    if cfg.quantize:
+        uneven = next((n for n, (_, out_f, in_f) in stacks.items() if (out_f * in_f) % cfg.blocksize), None)
+        if uneven:
+            raise QMiLoRAError(f"each expert of {uneven} holds {stacks[uneven][1]}x{stacks[uneven][2]} weights, not a "
+                               f"whole number of --blocksize {cfg.blocksize} blocks; choose a smaller blocksize")
     kept = sorted({n for n, m in model.named_modules() if interop.opaque_linear(m)} | job.keep)
-    return Skeleton(job, targets - set(unadaptable), excluded, stacks, routers(model, layers),
-                    {type(m) for m in experts.experts_modules(model).values()}, kept, unadaptable)
+    return Skeleton(job, targets - set(unadaptable), excluded, stacks, routers(model, layers), kept, unadaptable)
 
 
 def routers(model: torch.nn.Module, layers: set[str]) -> list[str]:
@@ -360,7 +364,7 @@ def _load(load_kwargs: dict, skel: Skeleton, cfg: QMiLoRAConfig, hessians: dict[
 
     def convert_stack(name: str, stack: torch.Tensor) -> torch.Tensor:
         """A MoE expert stack (experts, out, in): each expert split on its own, the residuals stored as one stack."""
-        stack = _checked(name.removesuffix(".weight"), stack).to(svd_device, torch.float32)
+        stack = _checked(name, stack).to(svd_device, torch.float32)
         if name in skel.targets:
             splits = [split(w) for w in stack]
             A = torch.stack([s.lora_A for s in splits]).cpu()
@@ -507,10 +511,13 @@ def visit_target_weights(directory: str, cfg: QMiLoRAConfig, visit, on_start=Non
                             dtype=torch.float32, device_map={"": "cpu"})
 
 
-def _checked(layer: str, value: torch.Tensor) -> torch.Tensor:
-    weight = _check_float(f"{layer}.weight", value)
+def _checked(key: str, value: torch.Tensor) -> torch.Tensor:
+    """`value` refused unless it is finite floating point; `key` is a layer (whose tensor is key.weight) or, for a
+    MoE expert stack, the parameter's own name."""
+    name = key if value.dim() == 3 else f"{key}.weight"
+    weight = _check_float(name, value)
     if not torch.isfinite(weight).all():
-        raise QMiLoRAError(f"checkpoint tensor {layer}.weight holds NaN or Inf values: refusing to prepare (and "
+        raise QMiLoRAError(f"checkpoint tensor {name} holds NaN or Inf values: refusing to prepare (and "
                            "train on) a broken model")
     return weight
 

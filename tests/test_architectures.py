@@ -11,7 +11,7 @@ from qmilora import QMiLoRAError, prepare_model
 from qmilora.interop import is_conv1d, lora_layers
 from qmilora.quantize import dequantize, round_trip
 
-from conftest import tiny_tokenizer
+from conftest import tiny_tokenizer, train_and_export
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, max_position_embeddings=128, head_dim=16, pad_token_id=0)
@@ -129,31 +129,14 @@ def test_hub_layout_renames_are_followed(tmp_path):
 
 def test_gpt2_train_and_export(tmp_path):
     """Conv1D end to end: --to merged equals the original base plus the exported LoRA through plain PEFT."""
-    from peft import PeftModel
-
-    from qmilora.cli.export import main as export_main
-    from qmilora.cli.train import main as train_main
-
     tok = tiny_tokenizer()
     d = tmp_path / "gpt2"
     build("gpt2", d, vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
           pad_token_id=tok.pad_token_id)
     tok.save_pretrained(d)
-    out = tmp_path / "run"
-    assert train_main(["--model", str(d), "--output_dir", str(out), "--cache_dir", str(tmp_path / "c"), "--rank", "4",
-                       "--max_steps", "3", "--learning_rate", "5e-2", "--max_seq_length", "48",
-                       "--save_strategy", "no", "--disable_tqdm", "true"]) == 0
-    assert export_main(["--adapter", str(out), "--to", "merged", "--output", str(tmp_path / "merged")]) == 0
-    assert export_main(["--adapter", str(out), "--to", "lora", "--output", str(tmp_path / "lora")]) == 0
-    ids = torch.randint(1, len(tok), (1, 10), generator=torch.Generator().manual_seed(2))
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    base = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    with_lora = PeftModel.from_pretrained(base, str(tmp_path / "lora")).eval()
-    original = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    with torch.no_grad():
-        a, b, c = merged(ids).logits, with_lora(input_ids=ids).logits, original(ids).logits
-    assert rel(a, c) > 1e-3  # training moved the model, so the comparison below is not vacuous
-    assert rel(a, b) < 1e-5
+    merged, with_lora, original, _, _ = train_and_export(tmp_path, d, tok)
+    assert rel(merged, original) > 1e-3  # training moved the model, so the comparison below is not vacuous
+    assert rel(merged, with_lora) < 1e-5
 
 
 def test_layer_whose_weight_is_read_directly_is_refused(tmp_path):

@@ -10,7 +10,7 @@ from qmilora import QMiLoRAConfig, QMiLoRAError, prepare_model, quantize
 from qmilora.experts import lora_layers as stack_layers
 from qmilora.interop import lora_layers
 
-from conftest import tiny_tokenizer
+from conftest import tiny_tokenizer, train_and_export
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, max_position_embeddings=128, head_dim=16, pad_token_id=0)
@@ -277,29 +277,12 @@ def test_plan_weight_bytes_match_a_prepared_moe(tmp_path):
 def test_moe_train_export_and_reload(tmp_path, family):
     """Train through the CLI, export both ways: --to merged equals the original base plus the exported LoRA loaded
     by plain PEFT; the trained adapter reloads onto a fresh preparation."""
-    from peft import PeftModel
-
-    from qmilora.cli.export import main as export_main
-    from qmilora.cli.train import main as train_main
-
     tok = tiny_tokenizer()
     d = tmp_path / "moe"
     build(family, d, vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
           pad_token_id=tok.pad_token_id)
     tok.save_pretrained(d)
-    out = tmp_path / "run"
-    assert train_main(["--model", str(d), "--output_dir", str(out), "--cache_dir", str(tmp_path / "c"), "--rank", "4",
-                       "--max_steps", "3", "--learning_rate", "5e-2", "--max_seq_length", "48",
-                       "--save_strategy", "no", "--disable_tqdm", "true"]) == 0
-    assert export_main(["--adapter", str(out), "--to", "merged", "--output", str(tmp_path / "merged")]) == 0
-    assert export_main(["--adapter", str(out), "--to", "lora", "--output", str(tmp_path / "lora")]) == 0
-    ids = torch.randint(1, len(tok), (1, 10), generator=torch.Generator().manual_seed(2))
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    base = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    with_lora = PeftModel.from_pretrained(base, str(tmp_path / "lora")).eval()
-    original = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    with torch.no_grad():
-        a, b, c = merged(ids).logits, with_lora(input_ids=ids).logits, original(ids).logits
+    a, b, c, ids, out = train_and_export(tmp_path, d, tok)
     assert rel(a, b) < 1e-5 and rel(a, c) > 1e-3  # trained: it moved, and both exports agree
     # the run's adapter on a fresh 4-bit preparation: training is reproduced up to NF4 (same as the run's model)
     fresh = prepare_model(str(d), rank=4, cache_dir=str(tmp_path / "c"))
@@ -326,3 +309,38 @@ def test_inspect_reports_every_expert(tmp_path):
     names = [w["layer"] for w in json.load(open(tmp_path / "r" / "report.json"))["weights"]]
     assert len(names) == 8 + 2 * 2 * 4  # 8 attention projections, 2 layers x 2 stacks x 4 experts
     assert "model.layers.1.mlp.experts.down_proj.3" in names
+
+
+def test_bad_expert_stacks_are_refused_in_one_line(tmp_path):
+    """A NaN in an expert stack is named by its own parameter; experts that fill no whole quantization blocks are
+    refused before any SVD."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "nan"
+    build("qwen3_moe", d, fused=True)
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.1.mlp.experts.down_proj"][2, 0, 0] = float("nan")
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(QMiLoRAError, match=r"^checkpoint tensor model\.layers\.1\.mlp\.experts\.down_proj holds NaN"):
+        prepare_model(str(d), rank=RANK, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(QMiLoRAError, match=r"experts\.down_proj holds 64x32 weights, not a whole number of "
+                                           r"--blocksize 4096 blocks"):
+        prepare_model(str(d), rank=RANK, blocksize=4096, cache_dir=str(tmp_path / "c"))
+
+
+def test_a_forward_that_uses_the_whole_stack_gets_it_dequantized():
+    """`_Weights` stands in for an expert parameter in the eager forward: indexing reads one expert, anything else
+    (e.g. one bmm over all experts) gets the whole stack, adapter included, in the module's own layout."""
+    from qmilora.experts import _Weights
+
+    torch.manual_seed(0)
+    stack = torch.randn(3, 64, 32)  # (experts, out, in)
+    module = torch.nn.Module()
+    module.is_transposed = True  # the module holds (experts, in, out)
+    A, B = torch.randn(3, 2, 32), torch.randn(3, 64, 2)
+    param = quantize.quantize_experts(stack, quant_type="nf4", blocksize=64, double_quant=True, out_dtype=torch.float32)
+    weights = _Weights(module, "w", param, (A, B, 0.5))
+    expected = (quantize.dequantize(param) + 0.5 * B @ A).transpose(1, 2)
+    assert torch.allclose(weights[1], expected[1], atol=1e-6)
+    assert weights.shape == (3, 32, 64)
+    assert torch.allclose(weights.transpose(1, 2), expected.transpose(1, 2), atol=1e-6)
