@@ -44,6 +44,16 @@ def compare(script: str, args, methods: list[str], measure) -> tuple[list[dict],
         return run_children(script, methods, directory), size_gb
 
 
+def bench_config(rank: int, device: torch.device, **overrides):
+    """The QMiLoRAConfig every model-level benchmark prepares with. With $QMILORA_BENCH_CACHE (gpu_suite.sh) the
+    preparation is cached there, so that the training step loads what the preparation step wrote."""
+    from qmilora import QMiLoRAConfig
+
+    shared = os.environ.get("QMILORA_BENCH_CACHE")
+    fields = dict(rank=rank, lora_dropout=0.05, device=str(device), prepared_cache=bool(shared), cache_dir=shared)
+    return QMiLoRAConfig(**{**fields, **overrides})
+
+
 def run_children(script: str, methods: list[str], directory: str) -> list[dict]:
     rows = []
     for method in methods:
@@ -53,6 +63,7 @@ def run_children(script: str, methods: list[str], directory: str) -> list[dict]:
         if out.returncode or not lines:
             sys.exit(f"{method} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(lines[-1][len("RESULT "):]))
+        print(f"{method}: {json.dumps(rows[-1])}", flush=True)  # in the log even if a later method fails
     return rows
 
 
@@ -79,6 +90,7 @@ def machine() -> dict:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    commit = commit or os.environ.get("QMILORA_COMMIT", "")  # a copied tree without .git (the GPU host)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
@@ -149,8 +161,9 @@ def llm_like(out: int, inp: int, generator=None, device=None) -> torch.Tensor:
     instead nearly singular (σ_min ~ 1/n), which no trained weight is."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     k = min(out, inp)
-    U, _ = torch.linalg.qr(torch.randn(out, k, generator=generator).to(device))
-    V, _ = torch.linalg.qr(torch.randn(inp, k, generator=generator).to(device))
+    on = generator.device if generator is not None else device  # drawn where the generator lives (GPU: fast)
+    U, _ = torch.linalg.qr(torch.randn(out, k, generator=generator, device=on).to(device))
+    V, _ = torch.linalg.qr(torch.randn(inp, k, generator=generator, device=on).to(device))
     S = torch.linspace(1.0, 0.05, k, device=device) * (2 / inp) ** 0.5 * k**0.5
     return (U * S) @ V.T
 
@@ -175,7 +188,8 @@ def write_random_checkpoint(shape: str, directory: str, dtype=torch.bfloat16) ->
     from qmilora.prepare import linear_layers
 
     linear = {f"{n}.weight" for n in linear_layers(skeleton)}
-    g = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device).manual_seed(0)  # the projections' random factors are drawn on the GPU when there is one
     weight_map, shard, shard_bytes, index, total = {}, {}, 0, 0, 0
 
     def flush():
@@ -194,7 +208,7 @@ def write_random_checkpoint(shape: str, directory: str, dtype=torch.bfloat16) ->
         elif param.dim() == 3:  # a MoE expert stack: one LLM-like matrix per expert
             t = torch.stack([llm_like(*param.shape[1:], generator=g).to("cpu", dtype) for _ in range(param.shape[0])])
         else:  # embeddings and head: fan-in scaled Gaussian
-            t = (torch.randn(param.shape, generator=g) / param.shape[-1] ** 0.5).to(dtype)
+            t = (torch.randn(param.shape, generator=g, device=device) / param.shape[-1] ** 0.5).to("cpu", dtype)
         shard[name] = t
         shard_bytes += t.numel() * t.element_size()
         total += t.numel() * t.element_size()

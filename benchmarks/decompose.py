@@ -25,16 +25,17 @@ def sin_angle(X, Y) -> float:
 
 
 def timed(fn, device, repeat):
+    """(best seconds, peak MB, the last result) over `repeat` calls."""
     best, peak = float("inf"), 0.0
     for _ in range(repeat):
         reset_peak(device)
         t = time.perf_counter()
-        fn()
+        result = fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t)
         peak = max(peak, peak_mb(device))
-    return best, peak
+    return best, peak, result
 
 
 def main() -> None:
@@ -57,12 +58,12 @@ def main() -> None:
         out, inp = map(int, shape.split("x"))
         W = llm_like(out, inp, torch.Generator().manual_seed(0), device)
         minor_split(W[:64, :64], 8)  # warm up the solver's libraries
-        base_s, base_mb = timed(lambda: torch.linalg.svd(W, full_matrices=False), device, args.repeat)
+        base_s, base_mb, _ = timed(lambda: torch.linalg.svd(W, full_matrices=False), device, args.repeat)
         row = {"shape": shape, "rank": args.rank, "torch_svd_s": base_s, "torch_svd_peak_mb": base_mb}
         _, S64, Vh64 = torch.linalg.svd(W.double(), full_matrices=False)
         for solver in args.solvers:
-            seconds, mb = timed(lambda: minor_split(W, args.rank, solver=solver), device, args.repeat)
-            A = minor_split(W, args.rank, solver=solver).lora_A
+            seconds, mb, split = timed(lambda: minor_split(W, args.rank, solver=solver), device, args.repeat)
+            A = split.lora_A
             row.update({f"{solver}_s": seconds, f"{solver}_speedup": base_s / seconds, f"{solver}_peak_mb": mb,
                         f"{solver}_sin_angle": sin_angle(A.T, Vh64[-args.rank:].T)})
         rows.append(row)

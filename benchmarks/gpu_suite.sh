@@ -1,39 +1,65 @@
 #!/usr/bin/env bash
 # Issue 15's GPU evidence in one call: solver, preparation (vs MiLoRA's official route), training (vs QLoRA),
-# the plan beside the measured peaks, then the fast test tier. Random checkpoints with LLM-like spectra at real
-# shapes are written locally (no hub). Results: benchmarks/results/*-cuda*.json (or *-cpu* with --tiny).
+# the plan beside the measured peaks, a MoE step, then the fast test tier. A random checkpoint with LLM-like spectra
+# at a real shape is written once to local disk (no hub) and shared by the preparation and training steps, and the
+# training step's QMiLoRA loads the preparation step's cache entry instead of preparing again.
+# Results: $QMILORA_BENCH_RESULTS (default benchmarks/results)/*-cuda*.json (or *-cpu* with --tiny).
 #
-#   bash benchmarks/gpu_suite.sh          # a CUDA machine; wheels in .wheels/ (bitsandbytes) are installed first
-#   bash benchmarks/gpu_suite.sh --tiny   # CPU, tiny shapes, results in $QMILORA_BENCH_RESULTS: CI keeps it alive
-set -euo pipefail
+#   bash benchmarks/gpu_suite.sh          # a CUDA machine; wheels in .whl/ (bitsandbytes, ...) are installed first
+#   bash benchmarks/gpu_suite.sh --tiny   # CPU, tiny shapes: CI keeps it alive
+#
+# Device time is scarce, so steps run in order of value under one deadline (QMILORA_GPU_BUDGET_S seconds, default
+# 520): a step that fails or runs out of time is reported and the next one still runs; the exit status says whether
+# every step ran and passed.
+set -uo pipefail
 cd "$(dirname "$0")"
-export PYTHONPATH="$(cd .. && pwd)${PYTHONPATH:+:$PYTHONPATH}" TQDM_DISABLE=1
-if compgen -G "../.wheels/*.whl" >/dev/null; then python -m pip install -q --no-deps ../.wheels/*.whl; fi
-python -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+py=$(command -v python3 || command -v python)
+if ! $py -c "import bitsandbytes" 2>/dev/null && compgen -G "../.whl/*.whl" >/dev/null; then
+  # the GPU image lacks bitsandbytes and datasets: carried wheels, with the transformers and peft tested here
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/qmilora-site \
+    ../.whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/qmilora-site
+fi
+export PYTHONPATH="$(cd .. && pwd)${PYTHONPATH:+:$PYTHONPATH}" TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+$py -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" || exit 1
 
 if [ "${1:-}" = "--tiny" ]; then
-  shapes=(96x64 128x96); model=128,256,2; prep=tiny; train=tiny; seq=32; steps=2; rank=8; long=""; tests=""
-  moe=tinymoe
+  shapes=(96x64 128x96); shape=tiny; seq=32; steps=2; rank=8; moe=tinymoe; tests=""
 else
-  shapes=(4096x4096 11008x4096 13824x5120); model=""; prep=llama2-7b; train=llama2-7b; seq=2048; steps=20
-  rank=64; long=llama3-8b; tests=1; moe=qwen3-moe-2l
+  shapes=(4096x4096 11008x4096 13824x5120); shape=llama2-7b; seq=2048; steps=10; rank=64; moe=qwen3-moe-2l; tests=1
 fi
-dev=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+dev=$($py -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+results=${QMILORA_BENCH_RESULTS:-results}
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+export QMILORA_BENCH_CACHE=$work/cache  # prepare.py fills it, train.py's QMiLoRA loads from it
+deadline=$((SECONDS + ${QMILORA_GPU_BUDGET_S:-520}))
+failed=0
+step() {  # step NAME COMMAND...: run under the time left; a failure or timeout is reported, not fatal
+  local name=$1 left=$((deadline - SECONDS)); shift
+  if [ $left -lt 20 ]; then echo "== $name: SKIPPED (out of time)"; failed=1; return; fi
+  echo "== $name ($left s left)"; local t=$SECONDS
+  timeout --kill-after=10 $left "$@"; local rc=$?
+  if [ $rc -ne 0 ]; then echo "== $name: FAILED (exit $rc) after $((SECONDS - t)) s"; failed=1;
+  else echo "== $name: done in $((SECONDS - t)) s"; fi
+}
 
 # 1. the minor solver against torch.linalg.svd fp32: time and subspace error
-python decompose.py --shapes "${shapes[@]}" --rank $rank --repeat 1 --solvers gram svd --model "$model"
-# 2. preparation: streamed QMiLoRA against the official whole-model route, wall time and peak memory
-python prepare.py --shape $prep --rank $rank --methods official qmilora-auto identity
-# 3. training: QMiLoRA against QLoRA on the same checkpoint (and the model's-loss variant)
-python train.py --shape $train --seq $seq --steps $steps --warmup 2 --rank $rank
-if [ -n "$long" ]; then  # long context at a Llama-3 vocabulary
-  python train.py --shape $long --seq 8192 --steps 5 --warmup 1 --rank $rank
-fi
-# 3b. MoE: two Qwen3-30B-A3B layers (4-bit expert stacks, routed-only dequantization) against PEFT's QLoRA
-python train.py --shape $moe --seq $seq --steps $(( steps < 5 ? steps : 5 )) --warmup 1 --rank $(( rank < 16 ? rank : 16 ))
+step solver $py decompose.py --shapes "${shapes[@]}" --rank $rank --repeat 1 --solvers gram svd --model ""
+# 2. preparation: streamed QMiLoRA (writing its cache entry) against the official whole-model route
+step checkpoint $py -c "import common, sys; print('%.1f GB' % common.write_random_checkpoint(sys.argv[1], sys.argv[2]))" \
+  $shape "$work/ckpt"
+step prepare $py prepare.py --shape $shape --checkpoint "$work/ckpt" --rank $rank --methods official qmilora-auto \
+  --official_fraction ${QMILORA_OFFICIAL_FRACTION:-0.0625}
+# 3. training: QMiLoRA against QLoRA on the same checkpoint
+step train $py train.py --shape $shape --checkpoint "$work/ckpt" --seq $seq --steps $steps --warmup 2 --rank $rank
 # 4. the plan beside the measured peaks
-results=${QMILORA_BENCH_RESULTS:-results}
-python plan_check.py "$results"/train-$train-$dev*.json "$results"/prepare-$prep-$dev.json \
-  ${long:+"$results"/train-$long-$dev*.json}
-# 5. the fast test tier on this host (CPU-assuming tests included)
-if [ -n "$tests" ]; then (cd .. && python -m pytest -q -m "not slow" tests); fi
+step plan $py plan_check.py "$results"/train-$shape-$dev.json "$results"/prepare-$shape-$dev.json
+rm -rf "$work/ckpt" "$work/cache"
+# 5. MoE: two Qwen3-30B-A3B layers (4-bit expert stacks, routed-only dequantization) against PEFT's QLoRA
+step moe $py train.py --shape $moe --seq $seq --steps $(( steps < 5 ? steps : 5 )) --warmup 1 --rank $(( rank < 16 ? rank : 16 ))
+# 6. the fast test tier on this host (CPU-assuming tests included)
+if [ -n "$tests" ]; then
+  xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
+  step tests bash -c "cd .. && $py -m pytest -q -p no:cacheprovider $xdist -m 'not slow' tests"
+fi
+exit $failed

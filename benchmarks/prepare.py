@@ -10,25 +10,37 @@ Writes benchmarks/results/prepare-<shape>-<device>.json.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 
-from common import compare, comparison_parser, cpu_load, peak_mb, reset_peak, table, write
+from common import bench_config, compare, comparison_parser, cpu_load, peak_mb, reset_peak, table, write
 
 
-def official(directory: str, rank: int, device: torch.device) -> None:
-    """The MiLoRA repository's route: whole model on one device, then per-layer float32 SVD, residual kept in place."""
+def official(directory: str, rank: int, device: torch.device, fraction: float = 1.0) -> dict:
+    """The MiLoRA repository's route: whole model on one device, then per-layer float32 SVD, residual kept in place.
+    With fraction < 1 only the first fraction of the weights (in module order: whole decoder layers) are decomposed
+    and the SVD time is scaled up to all of them; the peak memory (whole model + one weight's SVD) is unaffected."""
     from transformers import AutoModelForCausalLM
 
+    t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, device_map={"": device})
+    load_s = time.perf_counter() - t
     head = model.get_output_embeddings()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module is not head:
-            W = module.weight.data.float()
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            minor = (U[:, -rank:] * S[-rank:]) @ Vh[-rank:]
-            module.weight.data = (W - minor).to(module.weight.dtype)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    done = linears[:max(1, round(fraction * len(linears)))]
+    t = time.perf_counter()
+    for module in done:
+        W = module.weight.data.float()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        minor = (U[:, -rank:] * S[-rank:]) @ Vh[-rank:]
+        module.weight.data = (W - minor).to(module.weight.dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    svd_s = time.perf_counter() - t
+    return {"load_s": load_s, "svd_s_measured": svd_s, "weights_decomposed": len(done), "weights": len(linears),
+            "seconds_extrapolated": load_s + svd_s * len(linears) / len(done)}
 
 
 def measure(method: str, directory: str, args) -> dict:
@@ -39,20 +51,28 @@ def measure(method: str, directory: str, args) -> dict:
 
     from qmilora import checkpoint
 
-    memo = tempfile.mkdtemp()  # a cold digest memo: every run hashes the whole checkpoint once
+    # a cold digest memo: every run hashes the whole checkpoint once. With QMILORA_BENCH_CACHE (gpu_suite.sh) the
+    # preparation is also written there as a cache entry (included in its time), for train.py to load.
+    shared = os.environ.get("QMILORA_BENCH_CACHE")
+    memo = shared or tempfile.mkdtemp()
+    extra = {}
     reset_peak(device)
     t = time.perf_counter()
     if method == "official":
-        official(directory, args.rank, device)
+        extra = official(directory, args.rank, device, args.official_fraction)
     elif method == "identity":  # the content hash alone, not overlapped with anything
         checkpoint.identity(directory, checkpoint.shard_files(directory), checkpoint.DigestMemo(memo))
     else:  # includes the content hash, which runs in a thread alongside the stream; "@N": --threads N
         solver, _, threads = method.split("-")[1].partition("@")
-        prepare_model(directory, rank=args.rank, device=str(device), prepared_cache=False, cache_dir=memo,
-                      svd_solver=solver, threads=int(threads) if threads.isdigit() else None)
+        prepare_model(directory, bench_config(args.rank, device, svd_solver=solver, prepared_cache=bool(shared),
+                                              cache_dir=memo, threads=int(threads) if threads.isdigit() else None))
     if device.type == "cuda":
         torch.cuda.synchronize()
-    row = {"method": method, "seconds": time.perf_counter() - t, "peak_mb": peak_mb(device)}
+    row = {"method": method, "seconds": time.perf_counter() - t, "peak_mb": peak_mb(device), **extra}
+    if "seconds_extrapolated" in extra:
+        row["seconds"] = extra["seconds_extrapolated"]
+    if shared and method.startswith("qmilora"):
+        row["includes_cache_write"] = True
     if device.type == "cuda":  # host memory too
         row["peak_rss_mb"] = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
         row["peak_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
@@ -62,6 +82,8 @@ def measure(method: str, directory: str, args) -> dict:
 def main() -> None:
     p = comparison_parser(__doc__)
     p.add_argument("--methods", nargs="+", default=["official", "qmilora-svd", "qmilora-auto", "identity"])
+    p.add_argument("--official_fraction", type=float, default=1.0,
+                   help="decompose only this fraction of the weights on the official route; its SVD time is scaled up")
     p.add_argument("--thread_sweep", action="store_true",
                    help="instead: qmilora-auto at 1 and 2 threads and at its default, quiet and beside a process "
                         "loading every core")

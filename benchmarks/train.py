@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from common import compare, comparison_parser, peak_mb, reset_peak, table, write
+from common import bench_config, compare, comparison_parser, peak_mb, reset_peak, table, write
 
 METHODS = ["qlora", "qmilora-model-loss", "qmilora"]
 
@@ -33,10 +33,9 @@ def build(method: str, directory: str, rank: int, device: torch.device, compute_
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qmilora import QMiLoRAConfig, prepare_model
+    from qmilora import prepare_model
 
-    cfg = QMiLoRAConfig(rank=rank, lora_dropout=0.05, device=str(device), prepared_cache=False,
-                        compute_dtype=compute_dtype)
+    cfg = bench_config(rank, device, compute_dtype=compute_dtype)
     if method.startswith("qmilora"):
         return prepare_model(directory, cfg)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -97,7 +96,7 @@ def measure(method: str, directory: str, args) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"method": method, "tokens_per_s": args.steps * args.batch * args.seq / seconds,
             "step_s": seconds / args.steps, "peak_mb": peak_mb(device), "trainable_params": trainable,
-            "model_mb": peak_mb(device) - base_mb, "losses": [round(v, 4) for v in losses], "final_loss": losses[-1],
+            "model_mb": peak_mb(device) - base_mb, "from_cache": getattr(getattr(model, "qmilora_stats", None), "from_cache", None), "losses": [round(v, 4) for v in losses], "final_loss": losses[-1],
             "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20 if device.type == "cuda" else None}
 
 

@@ -29,7 +29,7 @@ def test_gpu_suite_runs_at_tiny_shapes_on_cpu(tmp_path):
         assert methods[:3] == ["qlora", "qmilora-model-loss", "qmilora"], name
     assert {r["method"] for r in results["plan-check-cpu.json"]["rows"]} == {"qmilora", "qmilora-model-loss",
                                                                           "qmilora-auto"}
-    assert out.stdout.count("| ") > 10 and "content identity" in out.stdout  # the markdown tables
+    assert out.stdout.count("| ") > 10 and "FAILED" not in out.stdout and "SKIPPED" not in out.stdout
 
 
 def test_quality_runs(tmp_path, tiny_llm):
