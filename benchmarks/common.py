@@ -88,9 +88,10 @@ def machine() -> dict:
     import peft
     import transformers
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    commit = commit or os.environ.get("QMILORA_COMMIT", "")  # a copied tree without .git (the GPU host)
+    # QMILORA_COMMIT first: on the GPU host the tree is a copy whose .git need not match it
+    commit = os.environ.get("QMILORA_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),

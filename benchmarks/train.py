@@ -74,8 +74,9 @@ def measure(method: str, directory: str, args) -> dict:
         ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(device)
         with autocast:
             if method == "qmilora":
-                out = model(**lm_loss.hidden_state_inputs({"input_ids": ids}))
-                loss = lm_loss.chunked_causal_lm_loss(model.get_output_embeddings(), out.hidden_states[-1], ids, vocab)
+                with lm_loss.LastHidden(model) as last:
+                    model(**lm_loss.hidden_state_inputs({"input_ids": ids}))
+                loss = lm_loss.chunked_causal_lm_loss(model.get_output_embeddings(), last.value, ids, vocab)
             else:
                 loss = model(input_ids=ids, labels=ids).loss
         loss.backward()

@@ -12,7 +12,7 @@ the incoming gradient in backward; the same two matmuls per row as the model's l
 (LoRA on lm_head) runs each chunk under activation checkpointing instead: backward recomputes its logits. Peak:
 one chunk of logits instead of all of them.
 
-It relies on the model returning its last hidden states (`output_hidden_states`) as the head sees them, and on
+It relies on the base model's last hidden states being what the head sees (`LastHidden`), and on
 `logits = head(h)` with nothing after it. Models that post-process logits (soft-capping, scaling) break that; so
 `matches_model_loss` compares it with the model's own loss on a real batch before training, and qmilora-train uses
 it only when they agree. On CUDA, `--use_liger_kernel` (transformers' Liger integration, a fused
@@ -37,6 +37,10 @@ def chunked_causal_lm_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: 
     targets = F.pad(labels, (0, 1), value=IGNORE)[:, 1:].reshape(-1).to(hidden.device)
     keep = targets != IGNORE
     rows, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
+    # Under mixed precision (bf16=True, the GPU default) the model's forward runs in autocast but this loss, after
+    # it, does not: the hidden states can arrive in float32 while the head is in the compute dtype. Cast at the
+    # boundary, as autocast would have. (PEFT layers expose their base layer's weight, so a LoRA head works too.)
+    rows = rows.to(head.weight.dtype)
     step = max(1, CHUNK_BYTES // (4 * vocab))
     if type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters()):
         total = _FrozenHeadCrossEntropy.apply(rows, head.weight, head.bias, targets, step)
@@ -80,9 +84,30 @@ def _chunk_loss(head, rows, targets):
 
 
 def hidden_state_inputs(inputs: dict) -> dict:
-    """The model's inputs for `chunked_causal_lm_loss`: no labels (no built-in loss), the last hidden states
-    returned, logits for one position only."""
-    return {**{k: v for k, v in inputs.items() if k != "labels"}, "output_hidden_states": True, "logits_to_keep": 1}
+    """The model's inputs for `chunked_causal_lm_loss`: no labels (no built-in loss), logits for one position only.
+    The hidden states come from `LastHidden`."""
+    return {**{k: v for k, v in inputs.items() if k != "labels"}, "logits_to_keep": 1}
+
+
+class LastHidden:
+    """Within `with LastHidden(model) as last:`, `last.value` is the hidden state the head sees (the base model's
+    `last_hidden_state`, through a forward hook). Asking the model for `output_hidden_states` instead returns every
+    layer's; under mixed precision accelerate converts each returned tensor to float32: a float32 copy of all layers'
+    hidden states (1 GB for a 7B model at 2048 tokens) alive through the loss."""
+
+    def __init__(self, model):
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's model
+        self.module, self.value = inner.base_model, None  # transformers' base_model_prefix: the decoder stack
+
+    def _hook(self, module, args, output):
+        self.value = output[0]  # ModelOutput or tuple: last_hidden_state first
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 @torch.no_grad()
@@ -93,9 +118,12 @@ def matches_model_loss(model, batch: dict, rtol: float = 1e-3) -> tuple[bool, fl
     try:
         own = float(model(**batch).loss)
         try:
-            out = model(**hidden_state_inputs(batch))
-            hidden = out.hidden_states[-1]
-        except (TypeError, AttributeError, IndexError):  # no logits_to_keep / hidden states: cannot be used
+            with LastHidden(model) as last:
+                model(**hidden_state_inputs(batch))
+            hidden = last.value
+            if not torch.is_tensor(hidden) or hidden.shape[:2] != batch["labels"].shape:
+                return False, own, float("nan")
+        except (TypeError, AttributeError, IndexError):  # no logits_to_keep / base model: cannot be used
             return False, own, float("nan")
         ours = float(chunked_causal_lm_loss(model.get_output_embeddings(), hidden, batch["labels"],
                                             model.config.get_text_config().vocab_size))

@@ -12,7 +12,8 @@ per target (per expert for a stack).
                offload), plus one layer recomputed (≈ 34·h + 5·heads·T bytes per token without fused attention,
                34·h with it)
     logits:    float32, ×3 (logits, log-softmax, their gradient): T·vocab·4 bytes each with the model's loss,
-               one chunk (loss.CHUNK_BYTES) with the chunked loss
+               one chunk (loss.CHUNK_BYTES) with the chunked loss; with checkpointing only the larger of the logits
+               and the recomputed layer counts (one is alive at the end of forward, the other in backward)
     MoE:       the routed experts' dequantized weights of one layer, kept for its backward: min(experts, T·top-k)
                experts × one expert's parameters (all its stacks) × compute-dtype bytes
 
@@ -133,21 +134,28 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     activations = layers_kept + routed + (0 if cfg.offload_activations else checkpoints)
     full_logits = 3 * tokens * c["vocab"] * 4
     logits = 3 * min(tokens * c["vocab"] * 4, max(lm_loss.CHUNK_BYTES, c["vocab"] * 4)) if cfg.chunked_loss else full_logits
+    # With checkpointing the logits (end of forward) and the recomputed layer (backward) are never alive together:
+    # the larger of the two counts. Measured on an H200, Llama-2-7B shape at 2048 tokens (issue 15): the sum
+    # over-planned the model's loss by 13%, the larger of the two is within 10% for both losses.
+    transient = max(layers_kept, logits) if cfg.gradient_checkpointing else layers_kept + logits
+    activations += transient - layers_kept
     out_f, in_f = c["largest_linear"]
     k = min(out_f, in_f)
     # one weight on the device during preparation: fp32 copy, float64 copy, Gram matrix and eigensolver work
     svd_workspace = out_f * in_f * (4 + 8 + 4) + k * k * 8 * 3
     prepare_peak = weights + adapters + svd_workspace
-    train_peak = weights + adapters + grads_and_optimizer + activations + logits
+    train_peak = weights + adapters + grads_and_optimizer + activations
     # QLoRA's float32 embeddings keep the residual stream (the checkpointed layer inputs) in float32
     # (transformers' bitsandbytes path leaves MoE expert stacks unquantized: upcast to float32 with the rest)
     qlora_four_bit = c["linear"] * bytes_per_4bit_weight(qcfg.blocksize, qcfg.double_quant)
-    qlora_train_peak = (qlora_four_bit + (c["other"] + c["experts"]) * 4 + adapters + grads_and_optimizer + layers_kept + 2 * checkpoints
-                        + full_logits)
+    qlora_transient = max(layers_kept, full_logits) if cfg.gradient_checkpointing else layers_kept + full_logits
+    qlora_train_peak = (qlora_four_bit + (c["other"] + c["experts"]) * 4 + adapters + grads_and_optimizer
+                        + 2 * checkpoints + qlora_transient)
     return {"quantized_weights_gb": weights / GB, "adapter_params": adapter_params, "adapters_gb": adapters / GB,
             "grads_and_optimizer_gb": grads_and_optimizer / GB, "activations_gb": activations / GB,
             "offloaded_gb": (checkpoints if cfg.offload_activations else 0) / GB,
-            "logits_gb": logits / GB, "svd_workspace_gb": svd_workspace / GB, "prepare_peak_gb": prepare_peak / GB,
+            "logits_gb": logits / GB, "checkpoints_gb": (0 if cfg.offload_activations else checkpoints) / GB,
+            "transient_gb": transient / GB, "svd_workspace_gb": svd_workspace / GB, "prepare_peak_gb": prepare_peak / GB,
             "train_peak_gb": train_peak / GB, "qlora_train_peak_gb": qlora_train_peak / GB,
             "gpu_gb": parse_size(cfg.gpu_memory) / GB, "routed_experts_gb": routed / GB,
             "total_params": c["total_params"], "active_params": c["active_params"], "num_experts": c["num_experts"],

@@ -3,6 +3,8 @@ layout and record belong to `runfolder`.
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 import time
@@ -79,14 +81,16 @@ class _Trainer(Trainer):
 
     def _chunked_loss(self, outputs, labels, num_items_in_batch=None):
         head = self.model.get_output_embeddings()
-        return lm_loss.chunked_causal_lm_loss(head, outputs.hidden_states[-1], labels,
+        return lm_loss.chunked_causal_lm_loss(head, self._last_hidden.value, labels,
                                               self.model.config.get_text_config().vocab_size, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        last = contextlib.nullcontext()
         if self.compute_loss_func is not None:
             labels = inputs.get("labels")
             inputs = {**lm_loss.hidden_state_inputs(inputs), "labels": labels}  # Trainer pops the labels
-        with lm_loss.offload(self.offload_activations and model.training):
+            last = self._last_hidden = lm_loss.LastHidden(self.model)  # self.model: unwrapped from DDP
+        with last, lm_loss.offload(self.offload_activations and model.training):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):

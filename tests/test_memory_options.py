@@ -52,9 +52,10 @@ def test_chunked_loss_equals_the_models_loss_and_gradients(tiny_ckpt, cache, mon
     reference = adapter_grads(model)
     model.zero_grad()
     monkeypatch.setattr(lm_loss, "CHUNK_BYTES", 7 * 4 * model.config.vocab_size)  # several chunks of 7 rows
-    out = model(**lm_loss.hidden_state_inputs(b))
-    assert out.logits.shape[1] == 1  # no full-vocabulary logits
-    ours = lm_loss.chunked_causal_lm_loss(model.get_output_embeddings(), out.hidden_states[-1], b["labels"],
+    with lm_loss.LastHidden(model) as last:
+        out = model(**lm_loss.hidden_state_inputs(b))
+    assert out.logits.shape[1] == 1 and out.hidden_states is None  # no full-vocabulary logits, no per-layer states
+    ours = lm_loss.chunked_causal_lm_loss(model.get_output_embeddings(), last.value, b["labels"],
                                           model.config.vocab_size, num_items)
     ours.backward()
     torch.testing.assert_close(ours, own, rtol=1e-6, atol=1e-7)
@@ -76,8 +77,9 @@ def test_chunked_loss_with_a_trainable_head_equals_the_models(tiny_ckpt, cache, 
     reference = {**adapter_grads(model)}
     model.zero_grad()
     monkeypatch.setattr(lm_loss, "CHUNK_BYTES", 5 * 4 * model.config.vocab_size)
-    out = model(**lm_loss.hidden_state_inputs(b))
-    ours = lm_loss.chunked_causal_lm_loss(head, out.hidden_states[-1], b["labels"], model.config.vocab_size)
+    with lm_loss.LastHidden(model) as last:
+        model(**lm_loss.hidden_state_inputs(b))
+    ours = lm_loss.chunked_causal_lm_loss(head, last.value, b["labels"], model.config.vocab_size)
     ours.backward()
     torch.testing.assert_close(ours, own, rtol=1e-6, atol=1e-7)
     grads = adapter_grads(model)
@@ -138,3 +140,43 @@ def test_half_precision_on_a_cpu_without_its_instructions_is_flagged(tiny_ckpt, 
     with caplog.at_level("WARNING", logger="qmilora"):
         prepare_model(tiny_ckpt[0], QMiLoRAConfig(rank=4, compute_dtype="float32", cache_dir=cache))
     assert "matrix instructions" not in caplog.text
+
+
+def test_gpu_training_defaults_work_on_cpu(tiny_llm, tmp_path, cache, monkeypatch):
+    """The GPU's defaults (bfloat16 compute, `bf16=True` mixed precision) reproduced on a CPU. Under autocast the
+    last hidden states can come out in float32 while the head is bfloat16, and the chunked loss runs after the
+    autocast forward: it stopped every GPU run with "mat1 and mat2 must have the same dtype" (found on an H200),
+    because accelerate returned every layer's hidden states converted to float32.
+    The chunked loss must train and log the same losses as the model's own loss."""
+    common = ("--max_steps", "2", "--learning_rate", "5e-3", "--lora_dropout", "0", "--compute_dtype", "bfloat16",
+              "--bf16", "true", "--save_steps", "2", "--logging_steps", "1")
+    plain, chunked = tmp_path / "plain", tmp_path / "chunked"
+    assert main(argv(tiny_llm, plain, cache, *common, "--chunked_loss", "false")) == 0
+    seen = []
+    original = lm_loss.chunked_causal_lm_loss
+    monkeypatch.setattr(lm_loss, "chunked_causal_lm_loss", lambda head, hidden, *a: seen.append(hidden.dtype) or
+                        original(head, hidden, *a))
+    assert main(argv(tiny_llm, chunked, cache, *common)) == 0
+    # the hidden states as the head sees them, not accelerate's float32 copies of every layer's output
+    assert seen and set(seen) == {torch.bfloat16}
+    assert run_summary(plain)["loss"] == "model" and run_summary(chunked)["loss"] == "chunked"
+
+    def losses(out):
+        return [h["loss"] for h in json.load(open(out / "checkpoint-2" / "trainer_state.json"))["log_history"]
+                if "loss" in h]
+
+    assert len(losses(chunked)) == 2 and losses(chunked) == pytest.approx(losses(plain), rel=2e-2)
+
+
+def test_chunked_loss_casts_hidden_states_to_the_heads_dtype():
+    """Hidden states in float32 before a bfloat16 head (a norm kept in float32 under mixed precision): the loss
+    casts at the boundary, as autocast would, instead of failing in the matmul."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False).to(torch.bfloat16).requires_grad_(False)
+    hidden = torch.randn(2, 6, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 6))
+    ours = lm_loss.chunked_causal_lm_loss(head, hidden, labels, 50)
+    ref = lm_loss.chunked_causal_lm_loss(head, hidden.to(torch.bfloat16), labels, 50)
+    torch.testing.assert_close(ours, ref)
+    ours.backward()
+    assert hidden.grad is not None and hidden.grad.dtype == torch.float32 and hidden.grad.abs().sum() > 0

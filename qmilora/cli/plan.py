@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         p = plan(cfg, qcfg, hf_config)
         rows = [(f"4-bit weights, quant states, rest in {qcfg.compute_dtype}", p["quantized_weights_gb"]),
                 ("adapters (fp32)", p["adapters_gb"]), ("adapter grads + optimizer state", p["grads_and_optimizer_gb"]),
-                ("activations" + (f" ({p['offloaded_gb']:.2f} GB offloaded to host)" if cfg.offload_activations else ""),
-                 p["activations_gb"]),
-                ("logits" + (" (chunked loss)" if cfg.chunked_loss else " (model's loss)"), p["logits_gb"]),
+                ("checkpointed activations" + (f" ({p['offloaded_gb']:.2f} GB offloaded to host)"
+                                                if cfg.offload_activations else ""), p["checkpoints_gb"]),
+                (f"larger of: recomputed layer, logits ({p['logits_gb']:.2f} GB, "
+                 + ("chunked loss)" if cfg.chunked_loss else "model's loss)"), p["transient_gb"]),
                 *([("routed experts' weights kept for one layer's backward", p["routed_experts_gb"])]
                   if p["num_experts"] else []),
                 ("one weight's SVD workspace (prepare)", p["svd_workspace_gb"])]
