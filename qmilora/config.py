@@ -40,6 +40,7 @@ class QMiLoRAConfig:
     quantize: bool = field(default=True, metadata={"help": "Quantize the frozen residual to 4 bits. False keeps it in compute_dtype: full-precision MiLoRA, the reference."})
     quant_type: str = field(default="nf4", metadata={"help": "bitsandbytes 4-bit data type of the frozen residual: nf4 or fp4."})
     double_quant: bool = field(default=True, metadata={"help": "Quantize the per-block absmax constants too (QLoRA's double quantization)."})
+    quant_storage: str = field(default="uint8", metadata={"help": "The dtype the packed 4-bit codes are stored as (bitsandbytes' quant_storage): uint8, or the compute dtype so that FSDP shards them with the other weights (qmilora-train sets it under --fsdp). Same bytes, same results.", "choices": ("uint8", "bfloat16", "float16", "float32"), "aliases": ["--bnb_4bit_quant_storage"]})
     blocksize: int = field(default=64, metadata={"help": "Quantization block size (weights per absmax constant)."})
     calibration_data: str | None = field(default=None, metadata={"help": "Round the 4-bit residual to suit real inputs (GPTQ error feedback on the NF4 grid; same format, memory and speed) using this text: a data file in any format qmilora-train reads, a datasets hub name, or 'bundled'. Default: round-to-nearest, as QLoRA."})
     calibration_samples: int = field(default=64, metadata={"help": "Calibration windows (of calibration_length tokens) run through the full-precision model."})
@@ -74,6 +75,8 @@ class QMiLoRAConfig:
             raise ValueError(f"svd_solver must be auto, gram or svd, got {self.svd_solver!r}")
         if self.quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
+        if self.quant_storage not in ("uint8", *_DTYPES):
+            raise ValueError(f"quant_storage must be uint8 or one of {sorted(_DTYPES)}, got {self.quant_storage!r}")
         if self.blocksize not in _BLOCKSIZES:
             raise ValueError(f"blocksize must be one of {_BLOCKSIZES}, got {self.blocksize!r}")
         if self.calibration_samples < 1 or self.calibration_length < 2:
@@ -115,6 +118,10 @@ class QMiLoRAConfig:
     @property
     def torch_compute_dtype(self) -> torch.dtype:
         return _DTYPES[self.compute_dtype]
+
+    @property
+    def torch_quant_storage(self) -> torch.dtype:
+        return torch.uint8 if self.quant_storage == "uint8" else _DTYPES[self.quant_storage]
 
     @property
     def resolved_device(self) -> torch.device:

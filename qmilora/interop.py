@@ -49,6 +49,7 @@ class LoadJob:
     quant_type: str
     double_quant: bool
     dtype: torch.dtype
+    storage: torch.dtype = torch.uint8  # bitsandbytes' quant_storage (a float dtype: FSDP shards the 4-bit weights)
     layers: set[str] | None = None
     convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None
     # MoE expert stacks, by full parameter name: `convert` receives them as W (experts, out, in) float32 too
@@ -108,7 +109,8 @@ class QMiLoRAQuantizer(Bnb4BitHfQuantizer):
                     module.in_features, module.out_features, module.bias is not None,
                     compute_dtype=self.quantization_config.bnb_4bit_compute_dtype,
                     quant_type=self.quantization_config.bnb_4bit_quant_type,
-                    double_quant=self.quantization_config.bnb_4bit_use_double_quant)
+                    double_quant=self.quantization_config.bnb_4bit_use_double_quant,
+                    storage=self.quantization_config.bnb_4bit_quant_storage)
                 replacement.source_cls = type(module)
                 replacement.requires_grad_(False)
                 setattr(model.get_submodule(parent) if parent else model, child, replacement)
@@ -264,7 +266,8 @@ def loading(job: LoadJob):
     _JOBS[job_id] = job
     try:
         yield QMiLoRALoadConfig(job_id=job_id, bnb_4bit_quant_type=job.quant_type,
-                                bnb_4bit_use_double_quant=job.double_quant, bnb_4bit_compute_dtype=job.dtype)
+                                bnb_4bit_use_double_quant=job.double_quant, bnb_4bit_compute_dtype=job.dtype,
+                                bnb_4bit_quant_storage=job.storage)
     finally:
         del _JOBS[job_id]
 
@@ -289,7 +292,7 @@ def finish_loaded(model: PreTrainedModel, job: LoadJob | None) -> None:
         return
     if job is not None:
         config = QMiLoRALoadConfig(bnb_4bit_quant_type=job.quant_type, bnb_4bit_use_double_quant=job.double_quant,
-                                   bnb_4bit_compute_dtype=job.dtype)
+                                   bnb_4bit_compute_dtype=job.dtype, bnb_4bit_quant_storage=job.storage)
         model.config.quantization_config = config
         model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=True)
     model.is_loaded_in_4bit = True

@@ -286,7 +286,7 @@ class Skeleton:
 def skeleton(hf_config, cfg: QMiLoRAConfig) -> Skeleton:
     dtype = cfg.torch_compute_dtype
     job = interop.LoadJob(quantize=cfg.quantize, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                          dtype=dtype)
+                          dtype=dtype, storage=cfg.torch_quant_storage)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     stacks = experts.expert_params(model)  # refuses 3-D weights transformers cannot route
@@ -352,7 +352,8 @@ def _load(load_kwargs: dict, skel: Skeleton, cfg: QMiLoRAConfig, hessians: dict[
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     stats = PrepareStats(too_small=list(skel.excluded), routers=list(skel.routers),
                          unadaptable=list(skel.unadaptable))
-    kwargs = dict(quant_type=cfg.quant_type, blocksize=cfg.blocksize, double_quant=cfg.double_quant, out_dtype=dtype)
+    kwargs = dict(quant_type=cfg.quant_type, blocksize=cfg.blocksize, double_quant=cfg.double_quant, out_dtype=dtype,
+                  storage=cfg.torch_quant_storage)
 
     def split(weight: torch.Tensor) -> decompose.MinorSplit:
         t = time.perf_counter()

@@ -20,20 +20,22 @@ from bitsandbytes.functional import QuantState, dequantize_4bit, quantize_4bit  
 
 
 def quantize(weight: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool,
-             out_dtype: torch.dtype) -> bnb.nn.Params4bit:
+             out_dtype: torch.dtype, storage: torch.dtype = torch.uint8) -> bnb.nn.Params4bit:
     """Quantize a float weight (out, in) to a frozen `Params4bit`, on the weight's device.
 
     The codes are computed from the full-precision input (float32 here), then `out_dtype` is recorded
     as the dtype dequantization returns, so the layer computes in `out_dtype` without a second rounding
-    of the weight to that dtype before quantization.
+    of the weight to that dtype before quantization. `storage` is the dtype the packed codes are viewed as
+    (bitsandbytes' quant_storage): uint8, or a float dtype so that FSDP can shard them with the other weights.
     """
     data, state = quantize_4bit(weight.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
                                 quant_type=quant_type, quant_storage=torch.uint8)
-    return _param(data, state, out_dtype)
+    return _param(data, state, out_dtype, storage)
 
 
 def quantize_calibrated(weight: torch.Tensor, hessian: torch.Tensor, *, quant_type: str, blocksize: int,
-                        double_quant: bool, out_dtype: torch.dtype) -> bnb.nn.Params4bit:
+                        double_quant: bool, out_dtype: torch.dtype, storage: torch.dtype = torch.uint8
+                        ) -> bnb.nn.Params4bit:
     """Like `quantize`, with bitsandbytes' own absmax for `weight` (out, in), but with codes chosen by GPTQ's error
     feedback under the calibration Hessian (in, in) instead of round-to-nearest (see `calibrate`)."""
     from .calibrate import gptq_codes
@@ -43,7 +45,7 @@ def quantize_calibrated(weight: torch.Tensor, hessian: torch.Tensor, *, quant_ty
     top = int(state.code.abs().argmax())  # the ±1 level: dequantizing it everywhere yields each element's absmax
     scale = dequantize_4bit(torch.full_like(data, top << 4 | top), state).float() / state.code[top].float()
     codes = gptq_codes(weight, hessian, scale, state.code)
-    return _param(pack(codes, data.shape), state, out_dtype)
+    return _param(pack(codes, data.shape), state, out_dtype, storage)
 
 
 def pack(codes: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -60,22 +62,36 @@ def unpack(data: torch.Tensor, numel: int) -> torch.Tensor:
     return torch.stack([flat >> 4, flat & 15], 1).flatten()[:numel].long()
 
 
-def _param(data: torch.Tensor, state: QuantState, out_dtype: torch.dtype) -> bnb.nn.Params4bit:
+def as_storage(data: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
+    """Packed uint8 codes viewed as `storage`, in bitsandbytes' quant_storage layout (rows of one element each);
+    the bytes are unchanged (zero-padded to whole elements)."""
+    if storage == torch.uint8:
+        return data
+    flat = data.reshape(-1)
+    pad = -flat.numel() % storage.itemsize
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(storage).reshape(-1, 1)
+
+
+def _param(data: torch.Tensor, state: QuantState, out_dtype: torch.dtype,
+           storage: torch.dtype = torch.uint8) -> bnb.nn.Params4bit:
     state.dtype = out_dtype
-    return bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=state.blocksize,
-                             compress_statistics=state.nested, quant_type=state.quant_type,
-                             quant_storage=torch.uint8, bnb_quantized=True)
+    return bnb.nn.Params4bit(as_storage(data, storage), requires_grad=False, quant_state=state,
+                             blocksize=state.blocksize, compress_statistics=state.nested, quant_type=state.quant_type,
+                             quant_storage=storage, bnb_quantized=True)
 
 
 def quantize_experts(stack: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool,
-                     out_dtype: torch.dtype) -> bnb.nn.Params4bit:
+                     out_dtype: torch.dtype, storage: torch.dtype = torch.uint8) -> bnb.nn.Params4bit:
     """Quantize a stack of expert weights (experts, a, b) in one call: bitsandbytes' blocks run over the flattened
     stack, so with a·b a multiple of `blocksize` no block straddles two experts and `dequantize_expert` can read
     any one expert alone."""
     experts, a, b = stack.shape
     if (a * b) % blocksize:
         raise ValueError(f"an expert weight of {a}x{b} is not a whole number of {blocksize}-blocks")
-    return quantize(stack, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, out_dtype=out_dtype)
+    return quantize(stack, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, out_dtype=out_dtype,
+                    storage=storage)
 
 
 def dequantize_expert(param: bnb.nn.Params4bit, expert: int) -> torch.Tensor:
@@ -99,7 +115,8 @@ def dequantize_expert(param: bnb.nn.Params4bit, expert: int) -> torch.Tensor:
         absmax = state.absmax[lo:hi]
     one = QuantState(absmax=absmax.float(), shape=torch.Size([a, b]), code=state.code, blocksize=bs,
                      quant_type=state.quant_type, dtype=state.dtype)
-    return dequantize_4bit(param.data.view(-1)[expert * n // 2: (expert + 1) * n // 2], one)
+    codes = param.data.reshape(-1).view(torch.uint8)  # bytes, whatever the quant_storage
+    return dequantize_4bit(codes[expert * n // 2: (expert + 1) * n // 2], one)
 
 
 def dequantize(param: bnb.nn.Params4bit) -> torch.Tensor:
@@ -122,11 +139,11 @@ def set_weight(module: nn.Module, param: bnb.nn.Params4bit) -> None:
 
 
 def empty_4bit_linear(in_features: int, out_features: int, bias: bool, *, compute_dtype: torch.dtype,
-                      quant_type: str, double_quant: bool) -> bnb.nn.Linear4bit:
+                      quant_type: str, double_quant: bool, storage: torch.dtype = torch.uint8) -> bnb.nn.Linear4bit:
     """A `Linear4bit` on the meta device, to be filled by `set_weight` (what transformers' surgery creates)."""
     with torch.device("meta"):
         return bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
-                                 compress_statistics=double_quant, quant_type=quant_type, quant_storage=torch.uint8)
+                                 compress_statistics=double_quant, quant_type=quant_type, quant_storage=storage)
 
 
 def is_4bit_param(value) -> bool:
@@ -166,5 +183,5 @@ def is_cpu_packed(param: torch.Tensor) -> bool:
     return bool(getattr(getattr(param, "quant_state", None), "packing_format_for_cpu", False))
 
 
-__all__ = ["QuantState", "empty_4bit_linear", "is_4bit_param", "quantize", "quantize_experts", "dequantize_expert", "quantize_calibrated", "pack", "unpack", "dequantize", "round_trip", "set_weight", "is_4bit_linear",
+__all__ = ["QuantState", "as_storage", "empty_4bit_linear", "is_4bit_param", "quantize", "quantize_experts", "dequantize_expert", "quantize_calibrated", "pack", "unpack", "dequantize", "round_trip", "set_weight", "is_4bit_linear",
            "is_quantized_module", "keep_training_layout", "is_cpu_packed"]

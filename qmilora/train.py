@@ -125,6 +125,15 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
     from .prepare import prepare_model, recipe_of
 
     main = args.process_index == 0
+    fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if fsdp and (args.use_cpu or not torch.cuda.is_available()):
+        # accelerate builds no FSDP plugin without an accelerator: Trainer would train unsharded copies instead
+        raise QMiLoRAError("FSDP needs GPUs (accelerate shards only on accelerators); on CPUs drop --fsdp and run "
+                           "data parallel")
+    if fsdp and qcfg.quant_storage == "uint8":
+        # FSDP shards floating-point tensors only: the packed 4-bit codes are viewed as the compute dtype instead
+        qcfg.quant_storage = qcfg.compute_dtype
+        log.info("qmilora: FSDP: 4-bit weights stored as %s (quant_storage) so that they shard", qcfg.compute_dtype)
     if args.world_size > 1 and not qcfg.prepared_cache:
         raise QMiLoRAError("with several processes the ranks share one preparation through the cache: drop "
                            "--prepared_cache false")
@@ -174,6 +183,9 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
     progress = _Progress(folder)
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)
     chunked = _use_chunked_loss(run, args, model, collator, train_set)
+    if chunked and fsdp:  # it reads the head's weight outside the forward, where FSDP keeps it sharded
+        log.warning("qmilora: FSDP: using the model's own loss (the chunked loss reads the unsharded head)")
+        chunked = False
     trainer = _Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
                        processing_class=tokenizer, callbacks=[progress], chunked_loss=chunked,
                        offload_activations=run.offload_activations)
@@ -193,9 +205,11 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
                "loss": "chunked" if chunked else ("liger" if args.use_liger_kernel else "model")}
     if eval_set is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]  # every process takes part
+    # under FSDP every process takes part in gathering the full weights; the main process writes them
+    state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
 
     def write_files(tmp):
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         _plot_loss(trainer.state.log_history, os.path.join(tmp, "loss.png"))
 
