@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 15's GPU evidence in one call: solver, preparation (vs MiLoRA's official route), training (vs QLoRA),
-# the plan beside the measured peaks, a MoE step, then the fast test tier. A random checkpoint with LLM-like spectra
+# Issue 15's GPU evidence in one call: qmilora-train's CLI (plain and FSDP), solver, preparation (vs MiLoRA's
+# official route), training (vs QLoRA), the plan beside the measured peaks, a MoE step, then the fast test tier. A random checkpoint with LLM-like spectra
 # at a real shape is written once to local disk (no hub) and shared by the preparation and training steps, and the
 # training step's QMiLoRA loads the preparation step's cache entry instead of preparing again.
 # Results: $QMILORA_BENCH_RESULTS (default benchmarks/results)/*-cuda*.json (or *-cpu* with --tiny).
@@ -43,6 +43,8 @@ step() {  # step NAME COMMAND...: run under the time left; a failure or timeout 
   else echo "== $name: done in $((SECONDS - t)) s"; fi
 }
 
+# 0. qmilora-train through its CLI with this device's defaults, plain and under the shipped FSDP config
+step cli $py cli_smoke.py
 # 1. the minor solver against torch.linalg.svd fp32: time and subspace error
 step solver $py decompose.py --shapes "${shapes[@]}" --rank $rank --repeat 1 --solvers gram svd --model ""
 # 2. preparation: streamed QMiLoRA (writing its cache entry) against the official whole-model route

@@ -299,6 +299,17 @@ def finish_loaded(model: PreTrainedModel, job: LoadJob | None) -> None:
     model.quantization_method = QuantizationMethod.BITS_AND_BYTES
 
 
+def save_on_this_process(model: PreTrainedModel, directory: str) -> None:
+    """`model.save_pretrained(directory)` on this process, whatever its rank. Once torch.distributed is initialized,
+    transformers writes only on global rank 0 and silently writes nothing elsewhere; a cache entry written by
+    another node's main process (multi-node torchrun) would have an empty base."""
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process  # shadows transformers' method
+    try:
+        model.save_pretrained(directory)
+    finally:
+        del model.should_save_on_this_rank
+
+
 def lora_layers(peft_model) -> dict[str, LoraLayer]:
     """{base-model layer name: PEFT LoRA layer} of the linear layers (expert stacks: `experts.lora_layers`)."""
     return {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()

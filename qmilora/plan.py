@@ -8,6 +8,8 @@ per target (per expert for a stack).
                              1/blocksize (8-bit absmax) + 4/(256·blocksize) (their fp32 scales, blocks of 256)
     training:  weights + adapters·(4 param + 4 grad + optimizer state) + activations + logits
                (+ adapters·4 on each of several data-parallel GPUs: DDP's gradient buckets)
+    FSDP over n GPUs: weights, adapters, gradients and optimizer state / n, plus two gathered decoder layers;
+               the prepared model sits in host memory first (prepare: only the solver's workspace on the GPU)
     activations (per micro-batch token): checkpointed layer inputs L·h·2 bytes (in host memory with
                offload), plus one layer recomputed (≈ 34·h + 5·heads·T bytes per token without fused attention,
                34·h with it)
@@ -45,6 +47,7 @@ class PlanConfig:
     chunked_loss: bool = field(default=True, metadata={"help": "The chunked loss (qmilora-train's default): one chunk of float32 logits instead of all."})
     offload_activations: bool = field(default=False, metadata={"help": "Activation checkpoints in host memory (qmilora-train --offload_activations)."})
     num_gpus: int = field(default=1, metadata={"help": "Data-parallel processes (torchrun / accelerate launch): each GPU holds the whole 4-bit model plus DDP's gradient buckets."})
+    fsdp: bool = field(default=False, metadata={"help": "Sharded over the num_gpus processes (qmilora-train --fsdp): each GPU holds 1/num_gpus of the weights, adapters and optimizer state plus two gathered decoder layers; the model is prepared in host memory."})
 
     def __post_init__(self) -> None:
         for name in ("max_seq_length", "per_device_train_batch_size", "num_gpus"):
@@ -125,7 +128,7 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     adapter_params = qcfg.rank * c["adapter_in_out"]
     optimizer_bytes = _OPTIMIZER_BYTES.get(cfg.optim, 8)
     adapters = adapter_params * 4
-    grads_and_optimizer = adapter_params * (4 + optimizer_bytes + (4 if cfg.num_gpus > 1 else 0))
+    grads_and_optimizer = adapter_params * (4 + optimizer_bytes + (4 if cfg.num_gpus > 1 and not cfg.fsdp else 0))
     tokens = cfg.max_seq_length * cfg.per_device_train_batch_size
     per_layer = tokens * (34 * c["hidden"] + (0 if cfg.fused_attention else 5 * c["heads"] * cfg.max_seq_length))
     checkpoints = c["layers"] * tokens * c["hidden"] * 2 if cfg.gradient_checkpointing else 0
@@ -144,13 +147,24 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     # one weight on the device during preparation: fp32 copy, float64 copy, Gram matrix and eigensolver work
     svd_workspace = out_f * in_f * (4 + 8 + 4) + k * k * 8 * 3
     prepare_peak = weights + adapters + svd_workspace
+    host_weights = 0.0
+    if cfg.fsdp:
+        # every process holds the whole prepared model in host memory until FSDP moves its shards to the GPU; a
+        # GPU then holds its 1/n of everything but the activations, plus two gathered decoder layers (the one
+        # running and the one prefetched)
+        host_weights, n = weights + adapters, cfg.num_gpus
+        weights = weights / n + 2 * weights / max(1, c["layers"])
+        adapters, grads_and_optimizer = adapters / n, grads_and_optimizer / n
+        prepare_peak = svd_workspace  # only the solver runs on the GPU
     train_peak = weights + adapters + grads_and_optimizer + activations
     # QLoRA's float32 embeddings keep the residual stream (the checkpointed layer inputs) in float32
     # (transformers' bitsandbytes path leaves MoE expert stacks unquantized: upcast to float32 with the rest)
     qlora_four_bit = c["linear"] * bytes_per_4bit_weight(qcfg.blocksize, qcfg.double_quant)
     qlora_transient = max(layers_kept, full_logits) if cfg.gradient_checkpointing else layers_kept + full_logits
-    qlora_train_peak = (qlora_four_bit + (c["other"] + c["experts"]) * 4 + adapters + grads_and_optimizer
-                        + 2 * checkpoints + qlora_transient)
+    qlora_static = qlora_four_bit + (c["other"] + c["experts"]) * 4
+    if cfg.fsdp:  # sharded the same way (adapters and grads_and_optimizer are per GPU already)
+        qlora_static = qlora_static / cfg.num_gpus + 2 * qlora_static / max(1, c["layers"])
+    qlora_train_peak = qlora_static + adapters + grads_and_optimizer + 2 * checkpoints + qlora_transient
     return {"quantized_weights_gb": weights / GB, "adapter_params": adapter_params, "adapters_gb": adapters / GB,
             "grads_and_optimizer_gb": grads_and_optimizer / GB, "activations_gb": activations / GB,
             "offloaded_gb": (checkpoints if cfg.offload_activations else 0) / GB,
@@ -160,7 +174,8 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
             "gpu_gb": parse_size(cfg.gpu_memory) / GB, "routed_experts_gb": routed / GB,
             "total_params": c["total_params"], "active_params": c["active_params"], "num_experts": c["num_experts"],
             "top_k": c["top_k"],
-            "num_gpus": cfg.num_gpus, "global_batch_tokens": tokens * cfg.num_gpus,
+            "num_gpus": cfg.num_gpus, "global_batch_tokens": tokens * cfg.num_gpus, "fsdp": cfg.fsdp,
+            "host_weights_gb": host_weights / GB,
             "fits": max(prepare_peak, train_peak) <= parse_size(cfg.gpu_memory)}
 
 

@@ -213,7 +213,9 @@ def _prepare_checkpoint(source: str, cfg: QMiLoRAConfig) -> tuple[PeftModel, Pre
     else:
         def save(base_dir: str, adapter_dir: str) -> None:
             nonlocal model
-            base.save_pretrained(base_dir)  # before PEFT wraps (and so changes) its modules
+            interop.save_on_this_process(base, base_dir)  # before PEFT wraps (and so changes) its modules
+            if not os.path.isfile(os.path.join(base_dir, "config.json")):  # never an entry without its base
+                raise QMiLoRAError(f"the prepared base model was not written to {base_dir}")
             model = _wrap(base, cfg, factors=factors, excluded=skel.peft_excluded)
             model.save_pretrained(adapter_dir)
 

@@ -130,10 +130,17 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
         # accelerate builds no FSDP plugin without an accelerator: Trainer would train unsharded copies instead
         raise QMiLoRAError("FSDP needs GPUs (accelerate shards only on accelerators); on CPUs drop --fsdp and run "
                            "data parallel")
-    if fsdp and qcfg.quant_storage == "uint8":
-        # FSDP shards floating-point tensors only: the packed 4-bit codes are viewed as the compute dtype instead
-        qcfg.quant_storage = qcfg.compute_dtype
-        log.info("qmilora: FSDP: 4-bit weights stored as %s (quant_storage) so that they shard", qcfg.compute_dtype)
+    if fsdp:
+        if qcfg.quant_storage == "uint8":
+            # FSDP1 flattens float tensors only, and mixed precision casts what it gathers to the compute dtype:
+            # the packed 4-bit codes are viewed as that dtype instead (same bytes), as in the FSDP-QLoRA recipe
+            qcfg.quant_storage = qcfg.compute_dtype
+            log.info("qmilora: FSDP: 4-bit weights stored as %s (quant_storage) so that they shard", qcfg.compute_dtype)
+        if qcfg.device == "auto":
+            # the whole prepared model waits in host memory; FSDP moves each process's shards to its GPU
+            qcfg.device = "cpu"
+            if qcfg.svd_device == "auto":
+                qcfg.svd_device = str(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
     if args.world_size > 1 and not qcfg.prepared_cache:
         raise QMiLoRAError("with several processes the ranks share one preparation through the cache: drop "
                            "--prepared_cache false")

@@ -20,7 +20,7 @@ def test_gpu_suite_runs_at_tiny_shapes_on_cpu(tmp_path):
                          text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     results = {f: json.load(open(tmp_path / f)) for f in os.listdir(tmp_path)}
-    assert set(results) == {"decompose-cpu.json", "prepare-tiny-cpu.json", "train-tiny-cpu.json",
+    assert set(results) == {"cli-smoke-cpu.json", "decompose-cpu.json", "prepare-tiny-cpu.json", "train-tiny-cpu.json",
                             "train-tinymoe-cpu.json", "plan-check-cpu.json"}, sorted(results)
     for name, result in results.items():
         assert result["rows"] and result["machine"]["torch"] and result["machine"]["command"], name

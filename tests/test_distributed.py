@@ -76,3 +76,18 @@ def test_resume_after_sigkill_of_every_process_matches_an_uninterrupted_run(tiny
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-6 * a[k].abs().max(), k
     assert losses(full, 6)[-2:] == pytest.approx(losses(killed, 6)[-2:], rel=1e-6)
+
+
+def test_every_process_writes_a_whole_cache_entry(tiny_llm, tmp_path):
+    """Multi-node torchrun: each node's main process prepares into its node's cache, but transformers'
+    save_pretrained writes only on global rank 0 once torch.distributed is up (silently: an entry with an empty
+    base that then failed to load, on every later run). Each process here writes its own entry and reloads it."""
+    worker = os.path.join(os.path.dirname(__file__), "cache_rank_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, tiny_llm,
+           str(tmp_path / "cache"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        found = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert "config.json" in found["base_files"] and any(f.endswith(".safetensors") for f in found["base_files"])
+        assert found["reloaded_same"], found["error"]

@@ -114,3 +114,24 @@ def test_plan_arithmetic_and_cli(even_ckpt, capsys):
     assert "does NOT fit" in capsys.readouterr().out
     assert plan_main(["--model", even_ckpt, "--gpu_memory", "lots"]) == 1
     assert parse_size("1.5GB") == 1.5 * 2**30 and parse_size("800MB") == 800 * 2**20
+
+
+def test_fsdp_shards_weights_adapters_and_optimizer(even_ckpt):
+    """--fsdp over n GPUs: each holds 1/n of the weights, adapters, gradients and optimizer state plus two gathered
+    decoder layers; activations are not sharded; preparation puts only the solver on the GPU."""
+    from qmilora import QMiLoRAConfig
+
+    hf = AutoConfig.from_pretrained(even_ckpt)
+    q = QMiLoRAConfig(rank=8, compute_dtype="bfloat16")
+    one = plan(PlanConfig(model=even_ckpt), q, hf)
+    for n in (2, 4):
+        sharded = plan(PlanConfig(model=even_ckpt, num_gpus=n, fsdp=True), q, hf)
+        layers = hf.num_hidden_layers
+        assert sharded["quantized_weights_gb"] == pytest.approx(one["quantized_weights_gb"] * (1 / n + 2 / layers))
+        assert sharded["adapters_gb"] == pytest.approx(one["adapters_gb"] / n)
+        assert sharded["grads_and_optimizer_gb"] == pytest.approx(one["grads_and_optimizer_gb"] / n)
+        assert sharded["activations_gb"] == pytest.approx(one["activations_gb"])
+        assert sharded["prepare_peak_gb"] == pytest.approx(one["svd_workspace_gb"])
+        assert sharded["host_weights_gb"] == pytest.approx(one["quantized_weights_gb"] + one["adapters_gb"])
+        assert sharded["fsdp"] and not one["fsdp"] and one["host_weights_gb"] == 0
+    assert plan_main(["--model", even_ckpt, "--rank", "8", "--num_gpus", "2", "--fsdp", "true"]) == 0

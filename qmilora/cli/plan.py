@@ -39,8 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'peak while training':<50} {p['train_peak_gb']:8.2f} GB")
         print(f"{'QLoRA, same settings (PEFT k-bit, fp32 rest)':<50} {p['qlora_train_peak_gb']:8.2f} GB")
         verdict = "fits" if p["fits"] else "does NOT fit"
-        per = f" per GPU, on each of {p['num_gpus']} (data parallel: {p['global_batch_tokens']:,} tokens per step)" \
-            if p["num_gpus"] > 1 else ""
+        mode = "FSDP, sharded" if p["fsdp"] else "data parallel"
+        per = f" per GPU, on each of {p['num_gpus']} ({mode}: {p['global_batch_tokens']:,} tokens per step)" \
+            if p["num_gpus"] > 1 or p["fsdp"] else ""
+        if p["fsdp"]:
+            print(f"{'host memory per process (the prepared model)':<50} {p['host_weights_gb']:8.2f} GB")
         if p["num_experts"]:
             print(f"MoE: {p['num_experts']} experts per layer, {p['top_k']} routed per token; "
                   f"{p['total_params'] / 1e9:.2f}B parameters, {p['active_params'] / 1e9:.2f}B active per token")
