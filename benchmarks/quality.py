@@ -355,7 +355,7 @@ def requested(settings: dict) -> list[tuple]:
 
 def combine(args) -> None:
     """Pool the rows of result files run with the same settings apart from methods, seeds and learning rates (and
-    the same model variant); the requested grid is the union of theirs, grouped by method and lr."""
+    the same model variant); the requested grid is every (method, lr) of theirs with every seed of theirs."""
     parts = [json.load(open(f)) for f in args.combine]
     for part in parts:  # files from before --lrs / --degrid: the demo model (or --model) as it is, the date task
         st = part["settings"]
@@ -373,6 +373,9 @@ def combine(args) -> None:
         defaults = {"lr": st["lr"], "variant": st["variant"], "task": st["task"]}
         rows += [{**defaults, **r} for r in part["rows"]]
         grid += [c for c in requested(st) if c not in grid]
+    # every (method, lr) pooled here is owed every seed pooled here: a rate run with fewer seeds shows as missing
+    seeds = sorted({c[2] for c in grid})
+    grid = [(m, lr, s) for m, lr in dict.fromkeys((c[0], c[1]) for c in grid) for s in seeds]
     settings["methods"] = ",".join(dict.fromkeys(r["method"] for r in rows))
     settings["seeds"] = ",".join(sorted({str(r["seed"]) for r in rows}))
     lrs = sorted({r["lr"] for r in rows})
