@@ -10,7 +10,8 @@
 #
 # Device time is scarce, so steps run in order of value under one deadline (QMILORA_GPU_BUDGET_S seconds, default
 # 520): a step that fails or runs out of time is reported and the next one still runs; the exit status says whether
-# every step ran and passed.
+# every step ran and passed. QMILORA_GPU_STEPS picks step groups (default "cli solver 7b moe tests"; also "long",
+# "13b"), e.g. after the 7B results are in: QMILORA_GPU_STEPS="cli tests long 13b".
 set -uo pipefail
 cd "$(dirname "$0")"
 py=$(command -v python3 || command -v python)
@@ -34,8 +35,11 @@ work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 export QMILORA_BENCH_CACHE=$work/cache  # prepare.py fills it, train.py's QMiLoRA loads from it
 deadline=$((SECONDS + ${QMILORA_GPU_BUDGET_S:-520}))
 failed=0
+steps_wanted=" ${QMILORA_GPU_STEPS:-cli solver 7b moe tests} "  # the order is always this file's
 step() {  # step NAME COMMAND...: run under the time left; a failure or timeout is reported, not fatal
   local name=$1 left=$((deadline - SECONDS)); shift
+  local group=${name%%:*}
+  [[ "$steps_wanted" == *" $group "* ]] || return 0
   if [ $left -lt 20 ]; then echo "== $name: SKIPPED (out of time)"; failed=1; return; fi
   echo "== $name ($left s left)"; local t=$SECONDS
   timeout --kill-after=10 $left "$@"; local rc=$?
@@ -48,14 +52,14 @@ step cli $py cli_smoke.py
 # 1. the minor solver against torch.linalg.svd fp32: time and subspace error
 step solver $py decompose.py --shapes "${shapes[@]}" --rank $rank --repeat 1 --solvers gram svd --model ""
 # 2. preparation: streamed QMiLoRA (writing its cache entry) against the official whole-model route
-step checkpoint $py -c "import common, sys; print('%.1f GB' % common.write_random_checkpoint(sys.argv[1], sys.argv[2]))" \
+step 7b:checkpoint $py -c "import common, sys; print('%.1f GB' % common.write_random_checkpoint(sys.argv[1], sys.argv[2]))" \
   $shape "$work/ckpt"
-step prepare $py prepare.py --shape $shape --checkpoint "$work/ckpt" --rank $rank --methods official qmilora-auto \
+step 7b:prepare $py prepare.py --shape $shape --checkpoint "$work/ckpt" --rank $rank --methods official qmilora-auto \
   --official_fraction ${QMILORA_OFFICIAL_FRACTION:-0.0625}
 # 3. training: QMiLoRA against QLoRA on the same checkpoint
-step train $py train.py --shape $shape --checkpoint "$work/ckpt" --seq $seq --steps $steps --warmup 2 --rank $rank
+step 7b:train $py train.py --shape $shape --checkpoint "$work/ckpt" --seq $seq --steps $steps --warmup 2 --rank $rank
 # 4. the plan beside the measured peaks
-step plan $py plan_check.py "$results"/train-$shape-$dev.json "$results"/prepare-$shape-$dev.json
+step 7b:plan $py plan_check.py "$results"/train-$shape-$dev.json "$results"/prepare-$shape-$dev.json
 rm -rf "$work/ckpt" "$work/cache"
 # 5. MoE: two Qwen3-30B-A3B layers (4-bit expert stacks, routed-only dequantization) against PEFT's QLoRA
 step moe $py train.py --shape $moe --seq $seq --steps $(( steps < 5 ? steps : 5 )) --warmup 1 --rank $(( rank < 16 ? rank : 16 ))
@@ -63,5 +67,11 @@ step moe $py train.py --shape $moe --seq $seq --steps $(( steps < 5 ? steps : 5 
 if [ -n "$tests" ]; then
   xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
   step tests bash -c "cd .. && $py -m pytest -q -p no:cacheprovider $xdist -m 'not slow' tests"
+  # 7. (ask for them: QMILORA_GPU_STEPS="... long 13b") long context at a Llama-3 vocabulary; a 13B preparation
+  step long $py train.py --shape llama3-8b --seq 8192 --steps 5 --warmup 1 --rank $rank
+  step 13b:checkpoint $py -c "import common, sys; print('%.1f GB' % common.write_random_checkpoint(sys.argv[1], sys.argv[2]))" \
+    llama2-13b "$work/ckpt13"
+  step 13b:prepare $py prepare.py --shape llama2-13b --checkpoint "$work/ckpt13" --rank $rank \
+    --methods official qmilora-auto --official_fraction 0.05
 fi
 exit $failed
