@@ -134,14 +134,13 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     checkpoints = c["layers"] * tokens * c["hidden"] * 2 if cfg.gradient_checkpointing else 0
     layers_kept = per_layer if cfg.gradient_checkpointing else c["layers"] * per_layer
     routed = min(c["num_experts"], tokens * c["top_k"]) * c["expert_params"] * qcfg.torch_compute_dtype.itemsize
-    activations = layers_kept + routed + (0 if cfg.offload_activations else checkpoints)
     full_logits = 3 * tokens * c["vocab"] * 4
     logits = 3 * min(tokens * c["vocab"] * 4, max(lm_loss.CHUNK_BYTES, c["vocab"] * 4)) if cfg.chunked_loss else full_logits
     # With checkpointing the logits (end of forward) and the recomputed layer (backward) are never alive together:
     # the larger of the two counts. Measured on an H200, Llama-2-7B shape at 2048 tokens (issue 15): the sum
     # over-planned the model's loss by 13%, the larger of the two is within 10% for both losses.
     transient = max(layers_kept, logits) if cfg.gradient_checkpointing else layers_kept + logits
-    activations += transient - layers_kept
+    activations = transient + routed + (0 if cfg.offload_activations else checkpoints)
     out_f, in_f = c["largest_linear"]
     k = min(out_f, in_f)
     # one weight on the device during preparation: fp32 copy, float64 copy, Gram matrix and eigensolver work

@@ -104,3 +104,8 @@ def test_shipped_fsdp_config_reaches_qmilora(tiny_llm, tmp_path, cache):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "qmilora-train: error: FSDP needs GPUs" in proc.stderr + proc.stdout
     assert not out.exists()
+
+
+def test_unknown_quant_storage_is_refused():
+    with pytest.raises(ValueError, match="quant_storage must be uint8 or one of"):
+        QMiLoRAConfig(quant_storage="int8")
