@@ -1,6 +1,7 @@
 """Finetuning quality of QMiLoRA against QLoRA, QPiSSA (PEFT's recipe) and full-precision LoRA / MiLoRA on a real
-small model: exact match on a task the base model cannot do (dates rewritten as ISO 8601), and forgetting measured
-as perplexity on held-out general text, at init (the quantization damage) and after training. Same data, seeds,
+small model: exact match on a task the base model cannot do (`--task dates`: dates rewritten as ISO 8601; `--task
+bundled`: the held-out rows of the bundled instruction data, six templated skills), and forgetting measured as
+perplexity on held-out general text, at init (the quantization damage) and after training. Same data, seeds,
 steps, schedule, batch and rank for every method; each (method, seed) trains in this process, one after another.
 
     python benchmarks/quality.py                                        # all methods x 3 seeds, demo SmolLM2-135M (CPU)
@@ -9,6 +10,7 @@ steps, schedule, batch and rank for every method; each (method, seed) trains in 
     python benchmarks/quality.py --model DIR --steps 600 --batch 16 --rank 64 --tag 1b-cuda   # a GPU
     python benchmarks/quality.py --methods qlora,qmilora,qpissa --lrs 1e-4,5e-4,2e-3 --seeds 0   # an LR sweep
     python benchmarks/quality.py --degrid ...    # control: the demo's weights moved off their Q4_1 grid (init_gap.py)
+    python benchmarks/quality.py --task bundled --test_rows 80 ...   # the second task: 248 distinct bundled prompts
 
 Methods learn at different speeds at one learning rate, so `--lrs` sweeps learning rates x methods x seeds (the base
 model is measured once). Prints a markdown table per (method, lr) (mean ± std over seeds; forgetting both as the
@@ -28,6 +30,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections import namedtuple
 from functools import partial
 
 import bitsandbytes as bnb
@@ -40,7 +43,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
 import texts
 from common import RESULTS, table, write
 from qmilora import QMiLoRAConfig, prepare_model
-from qmilora.data import DataConfig, build_dataset
+from qmilora.data import BUNDLED, DataConfig, build_dataset
 from qmilora.demo import NAME as DEMO_NAME, demo_model_dir
 from qmilora.quantize import keep_training_layout
 
@@ -49,7 +52,6 @@ STYLES = (lambda d, m, y: f"{MONTHS[m - 1]} {d}, {y}", lambda d, m, y: f"{d} {MO
           lambda d, m, y: f"{MONTHS[m - 1][:3]} {d} {y}", lambda d, m, y: f"the {ordinal(d)} of {MONTHS[m - 1]}, {y}",
           lambda d, m, y: f"{MONTHS[m - 1]} {ordinal(d)}, {y}", lambda d, m, y: f"{d}-{MONTHS[m - 1][:3]}-{y}")
 PROMPT = "Rewrite the date in ISO 8601 format (YYYY-MM-DD): {}"
-TASK = "dates-iso8601"
 
 
 def ordinal(d: int) -> str:
@@ -71,6 +73,30 @@ def date_rows(train: int, test: int) -> tuple[list[dict], list[dict]]:
         rows.append({"messages": [{"role": "user", "content": question},
                                   {"role": "assistant", "content": d.isoformat()}]})
     return rows[test:], rows[:test]
+
+
+def bundled_rows(train: int, test: int) -> tuple[list[dict], list[dict]]:
+    """qmilora's bundled instruction data (templated rows: sums, products, sorting words, spelling backwards, the
+    largest number, weekdays) as chat rows, the user turn joined as the CLI's alpaca path joins it. Repeated prompts
+    are kept once (248 of 300 rows remain), so no test prompt is trained on. A fixed shuffled order, independent of
+    the training seed: the first `test` are the test set, the next `train` the training set."""
+    with open(BUNDLED) as f:
+        rows = list({(r["instruction"], r["input"]): r for r in map(json.loads, filter(str.strip, f))}.values())
+    if train + test > len(rows):
+        raise SystemExit(f"--task bundled has {len(rows)} distinct prompts: --train_rows {train} + --test_rows {test} "
+                         "is too many")
+    random.Random(300).shuffle(rows)
+    chat = [{"messages": [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}" if r["input"].strip()
+                           else r["instruction"]}, {"role": "assistant", "content": r["output"]}]} for r in rows]
+    return chat[test:test + train], chat[:test]
+
+
+# A task: its id in results, its rows (train, test), the plot's y label, and the greedy decoding budget (every test
+# answer must fit it, checked before any training).
+Task = namedtuple("Task", "id rows label max_new_tokens")
+TASKS = {"dates": Task("dates-iso8601", date_rows, "date task exact match", 12),
+         "bundled": Task("bundled-heldout", bundled_rows, "bundled instructions, held-out exact match", 16)}
+TASK_IDS = {t.id: t for t in TASKS.values()}
 
 
 # ---- methods: builder(model_dir, rank, seed, device) -> trainable PeftModel -------------------------------------
@@ -134,8 +160,8 @@ METHODS = {
 
 
 # ---- measurement ---------------------------------------------------------------------------------------------------
-def exact_match(model, tok, rows: list[dict], batch: int = 25, max_new_tokens: int = 12) -> float:
-    """Greedy decoding of left-padded prompts; share of stripped answers equal to the ISO date."""
+def exact_match(model, tok, rows: list[dict], max_new_tokens: int, batch: int = 25) -> float:
+    """Greedy decoding of left-padded prompts; share of stripped answers equal to the assistant turn."""
     model.eval()
     device, hits = next(model.parameters()).device, 0
     for i in range(0, len(rows), batch):
@@ -162,7 +188,7 @@ def run(method: str, seed: int, lr: float, args, train_set, tok, test: list[dict
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable), f"{method}: trains {trainable[:3]}"
     bases = [m.get_base_layer() for m in model.modules() if isinstance(m, LoraLayer)]
-    row = {"method": method, "lr": lr, "seed": seed, "variant": args.variant, "task": TASK,
+    row = {"method": method, "lr": lr, "seed": seed, "variant": args.variant, "task": args.task.id,
            "build_s": time.perf_counter() - t0,
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "base_4bit_layers": f"{sum(isinstance(b, bnb.nn.Linear4bit) for b in bases)}/{len(bases)}"}
@@ -182,7 +208,7 @@ def run(method: str, seed: int, lr: float, args, train_set, tok, test: list[dict
         row["train_s"] = time.perf_counter() - t1
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     row.update(train_loss=result.training_loss, final_loss=losses[-1] if losses else None)
-    row["em"] = exact_match(model, tok, test)
+    row["em"] = exact_match(model, tok, test, args.task.max_new_tokens)
     row.update({f"ppl_{s}_after": texts.perplexity(model, w, tok) for s, w in windows.items()})
     row["seconds"] = time.perf_counter() - t0
     del trainer, model
@@ -218,7 +244,7 @@ def missing_cells(rows: list[dict], grid) -> list[dict]:
     return [{"method": m, "lr": lr, "seed": s} for m, lr, s in grid if (m, lr, s) not in done]
 
 
-def plot(summary: list[dict], base: dict, source: str, path: str, title: str = "") -> None:
+def plot(summary: list[dict], base: dict, source: str, path: str, title: str = "", ylabel: str = "exact match") -> None:
     """Task EM against `source` perplexity after training: one line per method through its lrs (each point labelled
     with its lr, error bars over seeds where there are several), the base model as a star. Up-left is better."""
     import matplotlib
@@ -238,7 +264,7 @@ def plot(summary: list[dict], base: dict, source: str, path: str, title: str = "
             ax.annotate(f"{a['lr']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                         color=line[0].get_color())
     ax.scatter([base[f"ppl_{source}"]], [base["em"]], marker="*", s=150, color="black", label=base["method"], zorder=3)
-    ax.set(xlabel=f"{source} perplexity after training (lower = less forgetting)", ylabel="date task exact match",
+    ax.set(xlabel=f"{source} perplexity after training (lower = less forgetting)", ylabel=ylabel,
            title=title)
     ax.set_xscale("log")  # perplexity is exp(loss): a log axis is the loss axis, and one collapsed run stays readable
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -262,6 +288,8 @@ def main() -> None:
     p.add_argument("--lrs", help="comma-separated learning rates to sweep (overrides --lr), e.g. 1e-4,5e-4,2e-3")
     p.add_argument("--degrid", action="store_true", help="control: move every linear weight uniformly within its "
                    "Q4_1 cell first (init_gap.degrid, generator seed 0), breaking the demo model's Q4_1 grid")
+    p.add_argument("--task", default="dates", choices=list(TASKS), help="dates: ISO 8601 rewriting; bundled: the "
+                   "held-out rows of qmilora's bundled instruction data")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128, help="max_seq_length of the training examples")
     p.add_argument("--train_rows", type=int, default=160)
@@ -292,7 +320,8 @@ def main() -> None:
                                               "variant", "device", "threads")}
     settings["lrs"] = ",".join(f"{lr:g}" for lr in lrs)
     settings["lr"] = lrs[0] if len(lrs) == 1 else None
-    settings["task"] = TASK
+    args.task = TASKS[args.task]
+    settings["task"] = args.task.id
     with tempfile.TemporaryDirectory() as tmp:
         if args.degrid:  # every method then loads the de-gridded checkpoint from this directory
             args.model = write_degridded(args.model, os.path.join(tmp, "degrid"))
@@ -322,9 +351,12 @@ def sweep(args, methods, lrs, seeds, sources, settings, tag) -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    train, test = date_rows(args.train_rows, args.test_rows)
+    train, test = args.task.rows(args.train_rows, args.test_rows)
+    longest = max(len(tok(r["messages"][1]["content"], add_special_tokens=False)["input_ids"]) for r in test)
+    if longest + 1 > args.task.max_new_tokens:  # + 1: a truncated answer must not pass for an exact one
+        raise SystemExit(f"task {args.task.id}: a test answer has {longest} tokens, over its decoding budget")
     with tempfile.TemporaryDirectory() as tmp:  # through qmilora's data path: chat template, response-only labels
-        path = os.path.join(tmp, "dates.jsonl")
+        path = os.path.join(tmp, "train.jsonl")
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in train)
         train_set, _, _ = build_dataset(DataConfig(data=path, data_format="chat", max_seq_length=args.seq), tok)
@@ -332,7 +364,7 @@ def sweep(args, methods, lrs, seeds, sources, settings, tag) -> None:
 
     t0 = time.perf_counter()
     fp32 = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, device_map={"": args.device})
-    base = {"method": "base (fp32)", "em": exact_match(fp32, tok, test),
+    base = {"method": "base (fp32)", "em": exact_match(fp32, tok, test, args.task.max_new_tokens),
             **{f"ppl_{s}": texts.perplexity(fp32, w, tok) for s, w in windows.items()}, "seconds": time.perf_counter() - t0}
     del fp32
     base["variant"] = args.variant
@@ -360,7 +392,7 @@ def combine(args) -> None:
     for part in parts:  # files from before --lrs / --degrid: the demo model (or --model) as it is, the date task
         st = part["settings"]
         variant = "demo" if os.path.basename(os.path.normpath(st["model"])) == DEMO_NAME else "model"
-        part["settings"] = {"degrid": False, "variant": variant, "task": TASK, **st}
+        part["settings"] = {"degrid": False, "variant": variant, "task": TASKS["dates"].id, **st}
     free = ("seeds", "lr", "lrs", "methods")
     norm = lambda st: {k: v for k, v in st.items() if k not in free and k != "combined_from"}  # noqa: E731
     settings = norm(parts[0]["settings"])
@@ -389,9 +421,12 @@ def save(rows: list[dict], base: dict, sources: list[str], settings: dict, tag: 
     summary, missing = summarize(rows, base, sources), missing_cells(rows, grid)
     path = write(f"quality-{tag}", rows, {"settings": settings, "base": base, "summary": summary,
                                           "missing": missing, "complete": not missing})
-    title = f"{settings.get('variant', 'demo')}, {settings['steps']} steps, r={settings['rank']}" + \
+    title = f"{settings.get('variant', 'demo')}, {settings.get('task', 'dates-iso8601')}, {settings['steps']} steps, " \
+        f"r={settings['rank']}" + \
         (f", missing {len(missing)}/{len(grid)} runs" if missing else "")
-    plot(summary, base, sources[0], os.path.join(RESULTS, f"quality-{tag}.png"), title)
+    task = TASK_IDS.get(settings.get("task"))
+    plot(summary, base, sources[0], os.path.join(RESULTS, f"quality-{tag}.png"), title,
+         task.label if task else "exact match")
     return path, summary, missing
 
 

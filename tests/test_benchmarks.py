@@ -69,3 +69,30 @@ def test_init_gap_runs(tmp_path, tiny_llm):
     # calibrated rounding lowers the calibration-weighted output error of every projection type
     assert all(errors["qmilora-cal"][t] < errors["qmilora"][t] for t in ("q_proj", "v_proj", "down_proj"))
 
+
+
+def test_quality_tasks_split_disjoint_and_fixed():
+    """Each quality.py task: a test set independent of the training-set size and the seed, disjoint from training,
+    answers that fit the decoding budget; the bundled task covers every skill of the bundled data."""
+    sys.path.insert(0, BENCH)
+    try:
+        import quality
+    finally:
+        sys.path.remove(BENCH)
+    from transformers import AutoTokenizer
+
+    from qmilora.demo import demo_model_dir
+
+    tok = AutoTokenizer.from_pretrained(demo_model_dir())
+    for task in quality.TASKS.values():
+        train, test = task.rows(160, 80)
+        assert len(train) == 160 and len(test) == 80 and task.rows(40, 80)[1] == test
+        key = lambda r: r["messages"][0]["content"]  # noqa: E731
+        assert not {key(r) for r in train} & {key(r) for r in test}, task.id
+        answers = [r["messages"][1]["content"] for r in train + test]
+        assert max(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers) < task.max_new_tokens
+    _, test = quality.TASKS["bundled"].rows(160, 80)
+    skills = {r["messages"][0]["content"].split("\n")[0].split()[0] for r in test}
+    assert skills == {"What", "Sort", "Spell", "Which"}
+    with pytest.raises(SystemExit, match="too many"):
+        quality.TASKS["bundled"].rows(160, 100)
