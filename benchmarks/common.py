@@ -150,6 +150,9 @@ SHAPES = {
     "qwen3-moe-2l": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                          num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                          num_experts=128, num_experts_per_tok=8, vocab_size=151936),
+    "moe64": dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=64, num_experts=64,
+                  num_experts_per_tok=8, vocab_size=4096),  # CPU: Qwen3-MoE's routing (64 experts, top-8), small
     "tinymoe": dict(model_type="qwen3_moe", hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=32, num_experts=8,
                     num_experts_per_tok=2, vocab_size=4096),

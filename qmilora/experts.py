@@ -4,11 +4,15 @@ forward that dequantizes only the experts the router picked.
 transformers keeps the experts of a MoE layer as 3-D parameters (experts, out, in), or (experts, in, out) where the
 class declares `is_transposed`, on a module decorated with `use_experts_implementation`; its forward is chosen by
 name from the experts interface (`config._experts_implementation`). QMiLoRA registers one more name there,
-"qmilora", which runs the model's own eager forward, in which `self.<param>[e]` now yields
+"qmilora", under which every expert weight the forward reads is
 
     W_e = dequant(NF4 residual)_e + s · B_e A_e      (the adapter of expert e, PEFT's layout, see below)
 
-for the routed experts only. The adapters are PEFT's LoRA on parameters (`LoraConfig.target_parameters`), whose
+Few routed (token, expert) pairs (decoding): the model's own eager forward runs, and its `self.<param>[e]` dequantizes
+the routed experts only. As many pairs as experts or more (training, prefill), when nearly every expert is hit
+anyway: each stack is dequantized in one call, the adapters added in one batched matmul, and transformers' grouped
+forward (one grouped GEMM per stack) runs on them, instead of a Python loop over experts that launches a dequant, an
+adapter product and two matmuls per expert. The adapters are PEFT's LoRA on parameters (`LoraConfig.target_parameters`), whose
 per-expert factors are lora_A (r·E, in) = [A_0; …; A_E-1] and lora_B (out, r·E) with B_e in columns e, E+e, … (its
 `ParamWrapper` layout), so a saved adapter loads in plain PEFT. Training uses `ExpertsLora`, a `ParamWrapper` that
 hands the factors to the forward above instead of adding a delta to the whole stack (PEFT's way, which would
@@ -21,7 +25,7 @@ import logging
 
 import torch
 from peft.tuners.lora.layer import ParamWrapper
-from transformers.integrations.moe import ExpertsInterface
+from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
 
 from . import quantize
 from .config import QMiLoRAError
@@ -114,12 +118,13 @@ class _Weights:
     def __getattr__(self, attr):
         # an eager forward that uses the whole stack (e.g. one bmm over all experts) gets all of it, dequantized
         log.warning("qmilora: %s uses all its experts at once; the whole stack is dequantized", type(self.module).__name__)
-        whole = torch.stack([self[e] for e in range(self.module_experts)])
+        whole = torch.stack([self[e] for e in range(count(self.param))])
         return getattr(whole, attr)
 
-    @property
-    def module_experts(self) -> int:
-        return self.param.quant_state.shape[0] if quantize.is_4bit_param(self.param) else self.param.shape[0]
+
+def count(stack) -> int:
+    """Experts in a stack, 4-bit or not."""
+    return stack.quant_state.shape[0] if quantize.is_4bit_param(stack) else stack.shape[0]
 
 
 class _View:
@@ -134,12 +139,34 @@ class _View:
         return weights[attr] if attr in weights else getattr(object.__getattribute__(self, "_module"), attr)
 
 
-def routed_forward(module, *args, **kwargs):
-    """The model's eager experts forward, reading each routed expert's weight through `_Weights`."""
+def whole_stack(module, param, lora) -> torch.Tensor:
+    """Every expert's weight of `param` in the module's own layout: dequantized (if 4-bit) in one call, plus the
+    adapters in one batched product."""
+    transposed, fresh = module.is_transposed, quantize.is_4bit_param(param)
+    if fresh:
+        w = quantize.dequantize(param)  # 4-bit stacks are kept (experts, out, in)
+    else:
+        w = param.transpose(1, 2) if transposed else param
+    if lora is not None:
+        A, B, scaling = lora  # (E, r, in), (E, out, r)
+        # one fused multiply-add; a freshly dequantized stack takes it in place, so one stack-sized tensor is alive
+        # per stack, not three (autograd keeps B and A for it, not the stack); a frozen full-precision one must not
+        add = torch.Tensor.baddbmm_ if fresh else torch.baddbmm
+        w = add(w, B.to(w.dtype), A.to(w.dtype), alpha=scaling)
+    return w.transpose(1, 2) if transposed else w
+
+
+def routed_forward(module, hidden_states, top_k_index, top_k_weights):
+    """The experts forward on QMiLoRA's weights: transformers' grouped forward on whole dequantized stacks where
+    there are at least as many routed pairs as experts, else the model's eager forward reading each routed expert's
+    weight through `_Weights`."""
     lora = getattr(module, "_qmilora_lora", {})
-    weights = {n: _Weights(module, n, p, lora.get(n)) for n, p in module.named_parameters(recurse=False)
-               if is_stack(p)}
-    return type(module).forward.__wrapped__(_View(module, weights), *args, **kwargs)
+    stacks = {n: p for n, p in module.named_parameters(recurse=False) if is_stack(p)}
+    if top_k_index.numel() >= count(next(iter(stacks.values()))):
+        weights = {n: whole_stack(module, p, lora.get(n)) for n, p in stacks.items()}
+        return grouped_mm_experts_forward(_View(module, weights), hidden_states, top_k_index, top_k_weights)
+    weights = {n: _Weights(module, n, p, lora.get(n)) for n, p in stacks.items()}
+    return type(module).forward.__wrapped__(_View(module, weights), hidden_states, top_k_index, top_k_weights)
 
 
 ExpertsInterface.register(IMPLEMENTATION, routed_forward)

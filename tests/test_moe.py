@@ -177,6 +177,34 @@ def test_only_routed_experts_are_dequantized(tmp_path, monkeypatch):
     assert len(read) == 2 * 2 * 2 and not whole
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # gpt_oss: (experts, in, out) stacks with biases
+def test_training_batches_take_the_grouped_forward_with_the_eager_result(family, tmp_path, monkeypatch):
+    """At least as many routed pairs as experts: each stack is dequantized once and transformers' grouped forward
+    runs; logits and every adapter gradient equal the per-expert eager path's."""
+    import qmilora.experts as experts_module
+
+    d = tmp_path / "m"
+    build(family, d)
+    model = prepare_model(str(d), rank=RANK, cache_dir=str(tmp_path / "c")).train()
+
+    def step():
+        model.zero_grad()
+        out = model(input_ids=IDS, labels=IDS)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole, real = [], quantize.dequantize
+    monkeypatch.setattr(experts_module.quantize, "dequantize", lambda p: whole.append(p) or real(p))
+    logits, grads = step()
+    assert len(whole) == 2 * 2 * 2  # 2 layers x 2 stacks, once each in the forward and in checkpointing's recompute
+    monkeypatch.setattr(experts_module, "count", lambda stack: 10**9)  # never enough pairs: the eager path
+    eager_logits, eager_grads = step()
+    assert len(whole) == 8 and rel(logits, eager_logits) < 1e-5
+    assert set(grads) == set(eager_grads) and any("experts" in n for n in grads)
+    for n, g in grads.items():
+        assert rel(g, eager_grads[n]) < 1e-4, n
+
+
 def test_router_is_not_adapted_even_where_peft_would(tmp_path):
     """PEFT resolves "all-linear" on Qwen3-MoE/Mixtral-like models to their routers too (its transformers-v4
     compatibility); QMiLoRA passes the resolved names so routers stay unadapted."""
