@@ -122,6 +122,17 @@ class _Weights:
         return getattr(whole, attr)
 
 
+def grouped_gemm_takes(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped GEMM runs these weights: on CUDA only bfloat16 (transformers' grouped forward does not
+    check the dtype there, so float16 or float32 would fail in the kernel); its CPU kernel takes any float dtype."""
+    return device.type != "cuda" or dtype == torch.bfloat16
+
+
+def dtype_of(stack) -> torch.dtype:
+    """The dtype a stack's experts are multiplied in: the quant state's for a 4-bit stack."""
+    return stack.quant_state.dtype if quantize.is_4bit_param(stack) else stack.dtype
+
+
 def count(stack) -> int:
     """Experts in a stack, 4-bit or not."""
     return stack.quant_state.shape[0] if quantize.is_4bit_param(stack) else stack.shape[0]
@@ -162,7 +173,8 @@ def routed_forward(module, hidden_states, top_k_index, top_k_weights):
     weight through `_Weights`."""
     lora = getattr(module, "_qmilora_lora", {})
     stacks = {n: p for n, p in module.named_parameters(recurse=False) if is_stack(p)}
-    if top_k_index.numel() >= count(next(iter(stacks.values()))):
+    first = next(iter(stacks.values()))
+    if top_k_index.numel() >= count(first) and grouped_gemm_takes(hidden_states.device, dtype_of(first)):
         weights = {n: whole_stack(module, p, lora.get(n)) for n, p in stacks.items()}
         return grouped_mm_experts_forward(_View(module, weights), hidden_states, top_k_index, top_k_weights)
     weights = {n: _Weights(module, n, p, lora.get(n)) for n, p in stacks.items()}

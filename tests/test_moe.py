@@ -205,6 +205,20 @@ def test_training_batches_take_the_grouped_forward_with_the_eager_result(family,
         assert rel(g, eager_grads[n]) < 1e-4, n
 
 
+def test_grouped_forward_only_where_torch_grouped_gemm_takes_the_dtype():
+    """torch's grouped GEMM takes only bfloat16 on CUDA, and transformers' grouped forward does not check: float16 or
+    float32 weights on a GPU keep the per-expert eager path; the CPU kernel takes any float dtype."""
+    from qmilora.experts import dtype_of, grouped_gemm_takes
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert grouped_gemm_takes(cuda, torch.bfloat16)
+    assert not grouped_gemm_takes(cuda, torch.float16) and not grouped_gemm_takes(cuda, torch.float32)
+    assert all(grouped_gemm_takes(cpu, d) for d in (torch.float32, torch.bfloat16, torch.float16))
+    param = quantize.quantize_experts(torch.randn(2, 64, 32), quant_type="nf4", blocksize=64, double_quant=True,
+                                      out_dtype=torch.float16)
+    assert dtype_of(param) == torch.float16 and dtype_of(torch.zeros(2, 3, 4, dtype=torch.bfloat16)) == torch.bfloat16
+
+
 def test_router_is_not_adapted_even_where_peft_would(tmp_path):
     """PEFT resolves "all-linear" on Qwen3-MoE/Mixtral-like models to their routers too (its transformers-v4
     compatibility); QMiLoRA passes the resolved names so routers stay unadapted."""
