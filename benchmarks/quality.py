@@ -246,35 +246,47 @@ def missing_cells(rows: list[dict], grid) -> list[dict]:
 
 def plot(summary: list[dict], base: dict, source: str, path: str, title: str = "", ylabel: str = "exact match") -> None:
     """Task EM against `source` perplexity after training: one line per method through its lrs (each point labelled
-    with its lr, error bars over seeds where there are several), the base model as a star. Up-left is better."""
+    with its lr, error bars over seeds where there are several), the base model as a star. Up-left is better. Left
+    panel: every point; right panel: perplexities up to 1.6x the lowest one after training and the task scores there,
+    where the methods that did not collapse are told apart (one collapsed run otherwise squeezes them together)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    for method in dict.fromkeys(a["method"] for a in summary):
-        mine = [a for a in summary if a["method"] == method]  # lrs ascending (summarize)
-        xs, ys = [a[f"ppl_{source}_after"] for a in mine], [a["em"] for a in mine]
-        seeds = max(a["seeds"] for a in mine)
-        bars = {"xerr": [a[f"ppl_{source}_after_std"] for a in mine], "yerr": [a["em_std"] for a in mine]} if seeds > 1 else {}
-        line = ax.errorbar(xs, ys, fmt="o-", capsize=3, label=f"{method} (n={seeds})" if seeds > 1 else method, **bars)
-        for a, x, y in zip(mine, xs, ys):
-            ax.annotate(f"{a['lr']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                        color=line[0].get_color())
-    ax.scatter([base[f"ppl_{source}"]], [base["em"]], marker="*", s=150, color="black", label=base["method"], zorder=3)
-    ax.set(xlabel=f"{source} perplexity after training (lower = less forgetting)", ylabel=ylabel,
-           title=title)
-    ax.set_xscale("log")  # perplexity is exp(loss): a log axis is the loss axis, and one collapsed run stays readable
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 3, 5)))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.title.set_fontsize(9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    lowest = min(a[f"ppl_{source}_after"] for a in summary)
+    for ax, zoom in zip(axes, (False, True)):
+        for method in dict.fromkeys(a["method"] for a in summary):
+            mine = [a for a in summary if a["method"] == method]  # lrs ascending (summarize)
+            xs, ys = [a[f"ppl_{source}_after"] for a in mine], [a["em"] for a in mine]
+            seeds = max(a["seeds"] for a in mine)
+            bars = {"xerr": [a[f"ppl_{source}_after_std"] for a in mine], "yerr": [a["em_std"] for a in mine]} \
+                if seeds > 1 else {}
+            line = ax.errorbar(xs, ys, fmt="o-", capsize=3, label=f"{method} (n={seeds})" if seeds > 1 else method,
+                               **bars)
+            for a, x, y in zip(mine, xs, ys):
+                if not zoom or x <= 1.6 * lowest:
+                    ax.annotate(f"{a['lr']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                color=line[0].get_color())
+        ax.scatter([base[f"ppl_{source}"]], [base["em"]], marker="*", s=150, color="black", label=base["method"],
+                   zorder=3)
+        ax.set(xlabel=f"{source} perplexity after training (lower = less forgetting)", ylabel=ylabel,
+               title=f"{title}, zoom" if zoom else title)
+        ax.set_xscale("log")  # perplexity is exp(loss): a log axis is the loss axis
+        if zoom:  # the base's task score (near 0) would squeeze the rest: its star is in the left panel
+            inside = [a["em"] for a in summary if a[f"ppl_{source}_after"] <= 1.6 * lowest]
+            ax.set_xlim(0.95 * lowest, 1.6 * lowest)
+            ax.set_ylim(min(inside) - 0.05, max(inside) + 0.05)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 3, 5) if not zoom else (1.2, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
