@@ -14,7 +14,9 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_gpu_suite_runs_at_tiny_shapes_on_cpu(tmp_path):
     """benchmarks/gpu_suite.sh --tiny: every GPU-suite step (solver, preparation, training, plan check) at tiny
     shapes, so the suite a GPU session runs cannot rot."""
-    env = {**os.environ, "QMILORA_BENCH_RESULTS": str(tmp_path), "TQDM_DISABLE": "1",
+    # the suite's deadline (520 s) budgets a GPU session; on a loaded CPU it would skip steps: only the test's own
+    # timeout below bounds this run
+    env = {**os.environ, "QMILORA_BENCH_RESULTS": str(tmp_path), "TQDM_DISABLE": "1", "QMILORA_GPU_BUDGET_S": "1150",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     out = subprocess.run(["bash", os.path.join(BENCH, "gpu_suite.sh"), "--tiny"], env=env, capture_output=True,
                          text=True, timeout=1200)
