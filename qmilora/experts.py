@@ -10,9 +10,11 @@ name from the experts interface (`config._experts_implementation`). QMiLoRA regi
 
 Few routed (token, expert) pairs (decoding): the model's own eager forward runs, and its `self.<param>[e]` dequantizes
 the routed experts only. As many pairs as experts or more (training, prefill), when nearly every expert is hit
-anyway: each stack is dequantized in one call, the adapters added in one batched matmul, and transformers' grouped
-forward (one grouped GEMM per stack) runs on them, instead of a Python loop over experts that launches a dequant, an
-adapter product and two matmuls per expert. The adapters are PEFT's LoRA on parameters (`LoraConfig.target_parameters`), whose
+anyway: each stack is dequantized in one call, the adapters added by one in-place batched multiply-add, and
+transformers' grouped forward (one grouped GEMM per stack) runs on them, instead of a Python loop over experts that
+launches a dequant, an adapter product and two matmuls per expert.
+
+The adapters are PEFT's LoRA on parameters (`LoraConfig.target_parameters`), whose
 per-expert factors are lora_A (r·E, in) = [A_0; …; A_E-1] and lora_B (out, r·E) with B_e in columns e, E+e, … (its
 `ParamWrapper` layout), so a saved adapter loads in plain PEFT. Training uses `ExpertsLora`, a `ParamWrapper` that
 hands the factors to the forward above instead of adding a delta to the whole stack (PEFT's way, which would
@@ -118,8 +120,7 @@ class _Weights:
     def __getattr__(self, attr):
         # an eager forward that uses the whole stack (e.g. one bmm over all experts) gets all of it, dequantized
         log.warning("qmilora: %s uses all its experts at once; the whole stack is dequantized", type(self.module).__name__)
-        whole = torch.stack([self[e] for e in range(count(self.param))])
-        return getattr(whole, attr)
+        return getattr(whole_stack(self.module, self.param, self.lora), attr)
 
 
 def grouped_gemm_takes(device: torch.device, dtype: torch.dtype) -> bool:
