@@ -280,7 +280,8 @@ def plot(summary: list[dict], base: dict, source: str, path: str, title: str = "
             ax.set_xlim(0.95 * lowest, 1.6 * lowest)
             ax.set_ylim(min(inside) - 0.05, max(inside) + 0.05)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 3, 5) if not zoom else (1.2, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)))
+        subs = (1.2, 1.5, 2, 3, 4, 5, 6, 7, 8, 9) if zoom else (2, 3, 5)  # the zoom spans less than a decade
+        ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=subs))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
