@@ -7,11 +7,25 @@ import os
 if not os.environ.get("QMILORA_TEST_GPU"):
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+# Tests never write outside temporary folders: every cache a test (or a command it starts) could fill, qmilora's
+# prepared models and demo checkpoint, datasets' Arrow files, the Hub's and matplotlib's, points into one
+# temporary folder per test process, removed when it exits. Set unconditionally (not setdefault): a developer's
+# own $QMILORA_CACHE must not be written by tests either.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+TEST_CACHES = tempfile.mkdtemp(prefix="qmilora-test-caches-")
+atexit.register(shutil.rmtree, TEST_CACHES, ignore_errors=True)
+for _var, _sub in (("QMILORA_CACHE", "qmilora"), ("HF_HOME", "huggingface"), ("HF_DATASETS_CACHE", "datasets"),
+                   ("MPLCONFIGDIR", "matplotlib")):
+    os.environ[_var] = os.path.join(TEST_CACHES, _sub)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub
 
 
 def tiny_config(**kw) -> LlamaConfig:
