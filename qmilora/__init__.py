@@ -1,7 +1,19 @@
 """QMiLoRA: MiLoRA's minor-component adapters on an NF4-quantized principal residual."""
-from .config import QMiLoRAConfig, QMiLoRAError
-from .decompose import MinorSplit, minor_split
-from .prepare import prepare_model
+import importlib
 
 __version__ = "0.1.0"
 __all__ = ["QMiLoRAConfig", "QMiLoRAError", "MinorSplit", "minor_split", "prepare_model"]
+
+# Imported on first use, not here: `qmilora <verb> --help` imports this package and must not wait for torch.
+_HOME = {"QMiLoRAConfig": "config", "QMiLoRAError": "config", "MinorSplit": "decompose", "minor_split": "decompose",
+         "prepare_model": "prepare"}
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    raise AttributeError(f"module 'qmilora' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

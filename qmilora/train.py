@@ -30,6 +30,11 @@ class RunConfig:
     offload_activations: bool = field(default=False, metadata={"help": "Keep the activation checkpoints in pinned host memory until backward (for long sequences on a GPU; slower)."})
 
 
+class TrainerArguments(TrainingArguments):
+    """transformers' TrainingArguments under a heading of their own, after QMiLoRA's groups in qmilora-train --help."""
+    _argument_group_name = "Trainer (every transformers.TrainingArguments field; --resume_from_checkpoint takes true, last or a path)"
+
+
 def training_defaults() -> dict:
     """QLoRA-style defaults; every one can be overridden by YAML or flags."""
     cuda = torch.cuda.is_available()

@@ -6,14 +6,14 @@ import os
 import sys
 from collections.abc import Callable
 
-import torch
-
-from ..config import QMiLoRAError
-
 
 def run(prog: str, body: Callable[[], None]) -> int:
     """Run a command's body; every failure is one line on stderr and a non-zero exit (the traceback of an
     unexpected one with QMILORA_DEBUG=1)."""
+    import torch  # here, not at import: `--help` and argument errors are answered without it (cli/flags.py)
+
+    from ..config import QMiLoRAError
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         body()
@@ -45,7 +45,11 @@ def parse_flags(prog: str, groups: tuple, argv: list[str], description: str | No
     """Parse `argv` into one instance per dataclass in `groups`; unknown flags are an error."""
     from transformers import HfArgumentParser
 
+    from ..config import QMiLoRAError
+    from .flags import remember
+
     parser = one_line_errors(HfArgumentParser(groups, prog=prog, description=description))
+    remember(prog, parser)
     *parsed, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if rest:
         raise QMiLoRAError(f"unrecognized arguments: {' '.join(rest)}")
@@ -54,6 +58,8 @@ def parse_flags(prog: str, groups: tuple, argv: list[str], description: str | No
 
 def one_line_errors(parser):
     """argparse prints its usage block before an error; make a bad flag one line like every other error."""
+    from ..config import QMiLoRAError
+
     def error(message):
         raise QMiLoRAError(f"{message} (see --help)")
 

@@ -26,7 +26,31 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"qmilora: error: unknown command {verb!r}; choose one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
-    return importlib.import_module(f"qmilora.cli.{verb}").main(rest)
+    return run_verb(verb, rest)
+
+
+def run_verb(verb: str, argv: list[str] | None = None) -> int:
+    """`qmilora-<verb>`: help and argument errors from the cached flag table when there is one (no torch import),
+    else, and for valid arguments, the verb's own module."""
+    from .flags import early
+
+    argv = sys.argv[1:] if argv is None else argv
+    code = early(f"qmilora-{verb}", argv)
+    if code is not None:
+        return code
+    return importlib.import_module(f"qmilora.cli.{verb}").main(argv)
+
+
+def _script(verb: str):
+    def entry(argv: list[str] | None = None) -> int:
+        return run_verb(verb, argv)
+
+    entry.__name__ = entry.__qualname__ = f"{verb}_main"
+    return entry
+
+
+# the qmilora-<verb> console scripts (pyproject.toml)
+train_main, export_main, generate_main, eval_main, plan_main, inspect_main = map(_script, VERBS)
 
 
 if __name__ == "__main__":

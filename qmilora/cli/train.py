@@ -3,33 +3,34 @@ from __future__ import annotations
 
 import sys
 
-import yaml
-from transformers import HfArgumentParser, TrainingArguments
-
 from . import one_line_errors, run as run_cli
-from ..config import QMiLoRAConfig, QMiLoRAError
-from ..data import DataConfig
-from ..train import RunConfig, train, training_defaults
-
-class TrainerArguments(TrainingArguments):
-    """transformers' TrainingArguments under a heading of their own, after QMiLoRA's groups in --help."""
-    _argument_group_name = "Trainer (every transformers.TrainingArguments field; --resume_from_checkpoint takes true, last or a path)"
 
 
-GROUPS = (RunConfig, QMiLoRAConfig, DataConfig, TrainerArguments)
+def build_parser():
+    """The real parser (imports transformers, torch and peft: seconds), and how many dataclass groups it fills."""
+    from transformers import HfArgumentParser
 
+    from ..config import QMiLoRAConfig
+    from ..data import DataConfig
+    from ..train import RunConfig, TrainerArguments, training_defaults
 
-def build_parser() -> HfArgumentParser:
-    parser = one_line_errors(HfArgumentParser(GROUPS, prog="qmilora-train", description=__doc__))
+    groups = (RunConfig, QMiLoRAConfig, DataConfig, TrainerArguments)
+    parser = one_line_errors(HfArgumentParser(groups, prog="qmilora-train", description=__doc__))
     parser.add_argument("--config", help="YAML file of flag values; flags given on the command line override it")
     parser.set_defaults(**training_defaults())
     # TrainingArguments requires output_dir; keep the conventional --output_dir while giving a readable default.
     parser.set_defaults(output_dir="qmilora-output")
-    return parser
+    return parser, len(groups)
 
 
 def parse(argv: list[str]):
-    parser = build_parser()
+    import yaml
+
+    from ..config import QMiLoRAError
+    from .flags import remember
+
+    parser, n_groups = build_parser()
+    remember("qmilora-train", parser)
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         try:
@@ -48,11 +49,13 @@ def parse(argv: list[str]):
     *parsed, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if rest:
         raise QMiLoRAError(f"unrecognized arguments: {' '.join(rest)}")
-    return parsed[: len(GROUPS)]
+    return parsed[:n_groups]
 
 
 def main(argv: list[str] | None = None) -> int:
     def body():
+        from ..train import train
+
         run, qcfg, dcfg, args = parse(sys.argv[1:] if argv is None else argv)
         _, summary = train(run, qcfg, dcfg, args)
         if args.process_index == 0:  # one summary for a multi-process run
