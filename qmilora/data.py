@@ -2,13 +2,19 @@
 
 Formats, detected from the columns (or forced with `data_format`):
     alpaca             instruction, input (optional), output
-    chat               messages: [{role, content}, ...]   (rendered with the tokenizer's chat template)
+    chat               messages: [{role, content}, ...]   (rendered with the chat template)
     prompt_completion  prompt, completion
     text               text                              (every token is trained on)
 Every problem is a `QMiLoRAError` naming the file, found before any model is loaded.
+
+Rendering adds no text the user did not write unless asked (`chat_template`, `system_prompt`): the model's own chat
+template is used, but a template that inserts a default system prompt into conversations without one (SmolLM2's
+"You are a helpful AI assistant named SmolLM...") is given an empty system message instead. The template in effect
+is set on the tokenizer, which the run saves, so generation and exports render prompts the same way.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -20,8 +26,10 @@ FORMATS = ("alpaca", "chat", "prompt_completion", "text")
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo_alpaca.jsonl")
 IGNORE = -100
-_ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
-                  "the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
+# without a chat template: Alpaca's section markers, not its preamble sentence (text the user did not write)
+_ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"
+TEMPLATES = ("model", "none")
+_SENTINEL_SYSTEM, _SENTINEL_USER = "QMILORASYSTEMSENTINEL", "QMILORAUSERSENTINEL"
 
 
 @dataclass
@@ -34,6 +42,8 @@ class DataConfig:
     train_on_prompt: bool = field(default=False, metadata={"help": "Also compute the loss on prompt tokens (default: response tokens only)."})
     packing: bool = field(default=False, metadata={"help": "Concatenate examples into full max_seq_length blocks."})
     val_size: float = field(default=0.0, metadata={"help": "Held-out share (0-1) or row count (>=1) for evaluation loss."})
+    chat_template: str = field(default="model", metadata={"help": "How rows become text: model (the tokenizer's own chat template, adding no system prompt the data does not hold: a template that inserts a default one gets an empty system message instead), none (no chat template: alpaca rows as '### Instruction: ... ### Response:', prompt_completion rows as written; chat rows are refused), or the path of a Jinja chat template file (used as written)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "System message for rows that carry none (needs a chat template). Default: none."})
 
     def __post_init__(self) -> None:
         if self.data_format != "auto" and self.data_format not in FORMATS:
@@ -42,6 +52,9 @@ class DataConfig:
             raise ValueError(f"max_seq_length must be at least 2, got {self.max_seq_length}")
         if self.val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+        if self.chat_template not in TEMPLATES and not os.path.isfile(os.path.expanduser(self.chat_template)):
+            raise ValueError(f"chat_template must be model, none or a template file; {self.chat_template!r} is "
+                             "neither (no such file)")
 
 
 def load_rows(cfg: DataConfig):
@@ -124,8 +137,10 @@ def build_dataset(cfg: DataConfig, tokenizer):
     missing = [c for c in needed if c not in rows.column_names]
     if missing:
         raise QMiLoRAError(f"data {source}: format {fmt} needs field(s) {', '.join(missing)}, found {rows.column_names}")
+    apply_template(tokenizer, cfg)
     if fmt == "chat" and not tokenizer.chat_template:
-        raise QMiLoRAError(f"data {source} is in chat format but the tokenizer has no chat template")
+        raise QMiLoRAError(f"data {source} is in chat format but there is no chat template (the tokenizer has none, "
+                           "or --chat_template none); pass --chat_template FILE")
     examples = []
     for i, row in enumerate(rows):
         try:
@@ -152,6 +167,73 @@ def build_dataset(cfg: DataConfig, tokenizer):
     return split["train"], split["test"], fmt
 
 
+def apply_template(tokenizer, cfg: DataConfig) -> None:
+    """Set on `tokenizer` the chat template `cfg` asks for (see the module docstring). Applying it again to a
+    tokenizer it was applied to changes nothing, so a run's saved tokenizer renders as in training."""
+    if cfg.chat_template == "none":
+        tokenizer.chat_template = None
+    elif cfg.chat_template != "model":
+        path = os.path.expanduser(cfg.chat_template)
+        try:
+            with open(path, encoding="utf-8") as f:
+                tokenizer.chat_template = f.read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise QMiLoRAError(f"--chat_template {path}: cannot read it ({err})") from None
+    if not tokenizer.chat_template:
+        if cfg.system_prompt is not None:
+            raise QMiLoRAError("--system_prompt needs a chat template; this run renders without one")
+        return
+    if cfg.system_prompt is None and cfg.chat_template != "model":
+        return  # a template file is used as written
+    default = cfg.system_prompt if cfg.system_prompt is not None else ""
+    if cfg.system_prompt is None and not injected_system_prompt(tokenizer):
+        return
+    # rows without a system message get this one (an empty one: the template's own default is not used)
+    tokenizer.chat_template = ("{%- if messages and messages[0]['role'] != 'system' %}{%- set messages = "
+                               f"[{{'role': 'system', 'content': {json.dumps(default)}}}] + messages %}}"
+                               "{%- endif %}" + tokenizer.chat_template)
+    if cfg.system_prompt is not None:
+        try:
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL_USER}], tokenize=False)
+        except Exception as err:  # a template that refuses system messages raises its own exception
+            raise QMiLoRAError(f"the chat template does not take a system prompt: {_first_line(err)}") from None
+        if cfg.system_prompt and cfg.system_prompt not in rendered:
+            raise QMiLoRAError("the chat template drops the system prompt (--system_prompt has no effect with it)")
+
+
+def injected_system_prompt(tokenizer) -> str | None:
+    """The system prompt the chat template adds by itself to a conversation without one, or None. Found by rendering
+    a conversation with a sentinel system message and one without: a template that injects renders the same
+    system-turn markers around its own text."""
+    render = lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False)  # noqa: E731
+    user = {"role": "user", "content": _SENTINEL_USER}
+    try:
+        plain = render([user])
+        with_system = render([{"role": "system", "content": _SENTINEL_SYSTEM}, user])
+    except Exception:  # a template without system messages injects none
+        return None
+    if _SENTINEL_SYSTEM not in with_system or _SENTINEL_USER not in plain:
+        return None
+    before, after = with_system.split(_SENTINEL_SYSTEM, 1)
+    between = after.split(_SENTINEL_USER, 1)[0]
+    head = plain.split(_SENTINEL_USER, 1)[0]
+    if head.startswith(before) and head.endswith(between) and len(head) > len(before) + len(between):
+        return head[len(before): len(head) - len(between)]
+    return None
+
+
+def show_example(row: dict, tokenizer) -> str:
+    """A tokenized example as text with its supervised spans marked [[like this]], for the start-of-run log."""
+    parts, start = [], 0
+    ids, labels = row["input_ids"], row["labels"]
+    for i in range(1, len(ids) + 1):  # decode runs of equal supervision, not single tokens (multi-byte characters)
+        if i == len(ids) or (labels[i] != IGNORE) != (labels[start] != IGNORE):
+            text = tokenizer.decode(ids[start:i])
+            parts.append(f"[[{text}]]" if labels[start] != IGNORE else text)
+            start = i
+    return "".join(parts)
+
+
 def encode(row: dict, fmt: str, tokenizer, cfg: DataConfig) -> dict:
     """One row → token ids with labels (IGNORE on prompt tokens unless train_on_prompt), truncated."""
     if fmt == "text":
@@ -174,9 +256,8 @@ def encode(row: dict, fmt: str, tokenizer, cfg: DataConfig) -> dict:
         return _encode_chat([{"role": "user", "content": prompt_user}, {"role": "assistant", "content": response}],
                             tokenizer, cfg)
     if fmt == "alpaca":
-        ctx = ", paired with an input that provides further context" if row.get("input") else ""
         inp = f"### Input:\n{row['input']}\n\n" if row.get("input") else ""
-        prompt = _ALPACA_PROMPT.format(ctx=ctx, instruction=row["instruction"], input=inp)
+        prompt = _ALPACA_PROMPT.format(instruction=row["instruction"], input=inp)
     else:
         prompt = prompt_user
     p = tokenizer(prompt, add_special_tokens=True)["input_ids"]

@@ -1,32 +1,39 @@
-r"""Deploy a trained QMiLoRA adapter where QMiLoRA is not installed.
+r"""Take a trained QMiLoRA model away where QMiLoRA is not installed. Two different models can leave a run:
 
-Training updated (B, A) on top of the frozen residual W_res = W − s·B₀A₀, so the finetuned weight is
-
-    W_res + s·B A  =  W + s·(B A − B₀ A₀)  =  W + s·[B, −B₀]·[A; A₀]
-
-- `to_lora`: that difference as a standard rank-2r LoRA for the ORIGINAL base: A' = [A; A₀] (2r × in),
-  B' = [B, −B₀] (out × 2r), r and lora_alpha doubled so s is unchanged (PEFT's PiSSA→LoRA conversion,
-  `LoraModel.subtract_mutated_init`, done here on state dicts: it needs no model in memory).
-  For a MoE expert stack (PEFT's parameter LoRA: lora_A (r·E, in), lora_B (out, r·E), expert e in rows
-  e·r…e·r+r−1 of A and columns e, E+e, … of B) the same holds per expert, so the concatenation runs per expert.
-- `to_merged`: W + s·(B A − B₀ A₀) for every target weight, from the original full-precision weights (never from
-  dequantized NF4), streamed shard by shard and saved as a standard safetensors checkpoint. A MoE goes through
-  transformers' loader instead (its checkpoint stores experts apart, the adapter holds them fused) and is saved by
-  transformers in its own layout; that route holds the model once in host memory.
+- the TRAINED model, NF4(W_res) + s·B A with W_res = W − s·B₀A₀: what training optimized and qmilora-eval measures.
+  `to_merged` writes it as a plain checkpoint: every 4-bit weight dequantized (in float32) plus s·B A where adapted,
+  cast once to the dtype asked for. Its logits equal `load_trained`'s to that dtype's rounding.
+- the ORIGINAL-BASE model, W + s·(B A − B₀ A₀) = W + s·[B, −B₀]·[A; A₀]: the same update on the original 16-bit
+  weights, without the NF4 rounding of the residual that training saw. It differs from the trained model by that
+  rounding, which the adapter learned around; each export measures by how much (`fidelity`).
+  - `to_original_lora`: a standard rank-2r LoRA for the original base: A' = [A; A₀] (2r × in), B' = [B, −B₀]
+    (out × 2r), r and lora_alpha doubled so s is unchanged (PEFT's PiSSA→LoRA conversion,
+    `LoraModel.subtract_mutated_init`, done here on state dicts: it needs no model in memory). For a MoE expert stack
+    (PEFT's parameter LoRA: lora_A (r·E, in), lora_B (out, r·E), expert e in rows e·r…e·r+r−1 of A and columns
+    e, E+e, … of B) the same holds per expert, so the concatenation runs per expert. What vLLM's LoRA serving
+    (--max-lora-rank >= 2r) and adapter merging tools need.
+  - `to_original_merged`: W + s·(B A − B₀ A₀) for every target weight, from the original full-precision weights,
+    streamed shard by shard and saved as a standard safetensors checkpoint. A MoE goes through transformers'
+    loader instead (its checkpoint stores experts apart, the adapter holds them fused) and is saved by transformers
+    in its own layout; that route holds the model once in host memory.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
+import sys
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from . import checkpoint
+from . import cards, checkpoint, fidelity, quantize
 from .config import QMiLoRAError
 from .runfolder import ADAPTER_CONFIG, ADAPTER_FILE, INITIAL, RunFolder
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
@@ -70,38 +77,190 @@ def lora_delta(trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor
     return out
 
 
-def to_lora(adapter_dir: str, output: str, model: str | None = None, overwrite: bool = False) -> str:
-    _check_output(output, overwrite, adapter_dir, model)
-    meta, directory = _source(adapter_dir, model)
-    _check_output(output, overwrite, adapter_dir, directory)
-    with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
+def original_lora(residual_dir: str, initial_dir: str, base_name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, adapter config) of the rank-2r LoRA for the original base, from the residual-form adapter and
+    the initial one; `base_name` is what its config names as the base (the original checkpoint)."""
+    with open(os.path.join(residual_dir, ADAPTER_CONFIG)) as f:
         config = json.load(f)
-    state = lora_delta(load_file(os.path.join(adapter_dir, ADAPTER_FILE)),
-                       load_file(os.path.join(adapter_dir, INITIAL, ADAPTER_FILE)), config["r"])
+    state = lora_delta(load_file(os.path.join(residual_dir, ADAPTER_FILE)),
+                       load_file(os.path.join(initial_dir, ADAPTER_FILE)), config["r"])
     config.update(r=2 * config["r"], lora_alpha=2 * config["lora_alpha"], init_lora_weights=True,
-                  base_model_name_or_path=meta["source"]["model"] if not meta["source"]["model"].startswith("demo:")
-                  else os.path.abspath(directory))
-    with _output(output, overwrite) as tmp:
-        save_file(state, os.path.join(tmp, ADAPTER_FILE), metadata={"format": "pt"})
-        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
-            json.dump(config, f, indent=2)
-        _copy_tokenizer(adapter_dir, tmp)
-    return output
+                  base_model_name_or_path=base_name)
+    return state, config
 
 
-def to_merged(adapter_dir: str, output: str, model: str | None = None, overwrite: bool = False) -> str:
+def write_run_adapters(directory: str, residual_dir: str, initial_dir: str, meta: dict) -> None:
+    """A run folder's final adapters beside the residual-form one: at the top, where PEFT looks, the rank-2r LoRA
+    for the original base; each with a card saying which model it gives."""
+    state, config = original_lora(residual_dir, initial_dir, base_name(meta, meta["source"]["path"]))
+    write_adapter(directory, state, config)
+    cards.write(directory, "original-lora", meta, rank=config["r"])
+    cards.write(residual_dir, "residual", meta)
+
+
+def base_name(meta: dict, directory: str) -> str:
+    """The original checkpoint as an adapter config names it: its Hub id, or its local directory."""
+    model = meta["source"]["model"]
+    return os.path.abspath(directory) if model.startswith("demo:") or os.path.isdir(model) else model
+
+
+def write_adapter(directory: str, state: dict[str, torch.Tensor], config: dict) -> None:
+    save_file(state, os.path.join(directory, ADAPTER_FILE), metadata={"format": "pt"})
+    with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def to_original_lora(adapter_dir: str, output: str, model: str | None = None, overwrite: bool = False,
+                     measure_rows: int = 8) -> tuple[str, dict | None]:
     _check_output(output, overwrite, adapter_dir, model)
     meta, directory = _source(adapter_dir, model)
     _check_output(output, overwrite, adapter_dir, directory)
-    with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
+    state, config = original_lora(RunFolder(adapter_dir).residual_adapter(), os.path.join(adapter_dir, INITIAL),
+                                  base_name(meta, directory))
+    with _output(output, overwrite) as tmp:
+        write_adapter(tmp, state, config)
+        _copy_tokenizer(adapter_dir, tmp)
+        report = measure(adapter_dir, meta, "original-lora", lambda: _original_with_lora(directory, tmp, meta),
+                         measure_rows, model=model)
+        cards.write(tmp, "original-lora", meta, report, rank=config["r"])
+    return output, report
+
+
+def _original_with_lora(directory: str, adapter: str, meta: dict):
+    """The original base in the run's compute dtype with the LoRA applied by plain PEFT, as a user would load it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[meta["qmilora"].get("compute_dtype") or "float32"]
+    base = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map={"": _device(meta)})
+    return PeftModel.from_pretrained(base, adapter)
+
+
+def _device(meta: dict) -> str:
+    from .config import QMiLoRAConfig
+
+    return str(QMiLoRAConfig(**meta["qmilora"]).resolved_device)
+
+
+def _plain(directory: str, meta: dict):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, device_map={"": _device(meta)})
+
+
+def measure(adapter_dir: str, meta: dict, kind: str, load_artifact, rows: int, model: str | None = None,
+            trained=None) -> dict | None:
+    """The artifact's loss and top-1 agreement against the trained model on `rows` of the run's own data (None
+    when `rows` is 0 or the data is gone). Holds one model at a time: the trained model's answers are kept, the
+    model is dropped, then the artifact loads."""
+    if rows <= 0:
+        return None
+    from transformers import AutoTokenizer
+
+    from .train import load_trained
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    data = fidelity.run_rows(adapter_dir, meta, tokenizer, rows)
+    if data is None or not data.tokens:
+        return None
+    if trained is None:
+        trained = load_trained(adapter_dir, model=model, lora_dropout=0.0)
+    trained_loss, tops = fidelity.reference(trained, data, tokenizer)
+    del trained
+    gc.collect()
+    artifact = load_artifact()
+    result = fidelity.score(kind, artifact, data, tokenizer, tops)
+    del artifact
+    gc.collect()
+    print(f"qmilora-export: trained model: loss {trained_loss:.4f} on {data.tokens} supervised tokens of "
+          f"{data.where}", file=sys.stderr)
+    print(f"qmilora-export: {result.line(trained_loss)}", file=sys.stderr)
+    return {**result.to_dict(), "trained_loss": trained_loss}
+
+
+def to_merged(adapter_dir: str, output: str, model: str | None = None, overwrite: bool = False,
+              dtype: str = "bfloat16", measure_rows: int = 8) -> tuple[str, dict | None]:
+    """The trained model as a plain checkpoint: dequantized NF4 residual + s·B A, cast once to `dtype`."""
+    from .train import load_trained
+
+    _check_output(output, overwrite, adapter_dir, model)
+    meta, directory = _source(adapter_dir, model)
+    _check_output(output, overwrite, adapter_dir, directory)
+    if dtype not in DTYPES:
+        raise QMiLoRAError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    files = checkpoint.shard_files(directory)
+    checkpoint.check_free_space(os.path.dirname(os.path.abspath(output)), sum(map(os.path.getsize, files)),
+                                "the merged model")
+    trained = load_trained(adapter_dir, model=model, lora_dropout=0.0)
+    plain = as_trained(trained, DTYPES[dtype])
+    with _output(output, overwrite) as tmp:
+        plain.save_pretrained(tmp)
+        del plain
+        _copy_tokenizer(adapter_dir, tmp)
+        report = measure(adapter_dir, meta, "merged", lambda: _plain(tmp, meta), measure_rows, trained=trained)
+        cards.write(tmp, "merged", meta, report, dtype=dtype)
+    return output, report
+
+
+def as_trained(peft_model, dtype: torch.dtype):
+    """A plain transformers model (no quantization, no adapter) whose weights are the trained model's: each 4-bit
+    layer's dequantized weight plus s·B A where it is adapted, computed in float64 and cast once to `dtype`; every
+    other tensor as the trained model holds it. PEFT's own merge does not fit: on a 4-bit layer it quantizes the
+    merged weight again, losing the update to NF4 rounding."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from . import experts, interop
+
+    if experts.lora_layers(peft_model) or experts.expert_params(peft_model.get_base_model()):
+        raise QMiLoRAError("--to merged does not handle MoE expert stacks yet; use --to original-merged (the update "
+                           "on the original weights) for this model")
+    base = peft_model.get_base_model()
+    loras = interop.lora_layers(peft_model)
+    config = base.config.__class__.from_dict(base.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    with init_empty_weights():
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {}
+    for name, _ in plain.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        module = base.get_submodule(owner) if owner else base
+        layer = module.get_base_layer() if owner in loras else module
+        value = getattr(layer, leaf)
+        if leaf == "weight" and quantize.is_4bit_param(value):
+            value = quantize.dequantize(value, torch.float32)
+        elif leaf == "weight" and owner not in loras:
+            state[name] = value.detach().to(dtype)
+            continue
+        if owner in loras and leaf == "weight":
+            lora = loras[owner]
+            B, A = lora.lora_B["default"].weight, lora.lora_A["default"].weight
+            value = value.double() + lora.scaling["default"] * (B.double() @ A.double()).to(value.device)
+        if leaf == "weight" and interop.is_conv1d(plain.get_submodule(owner)):
+            value = value.T  # Conv1D stores (in, out)
+        state[name] = value.detach().to(dtype).contiguous()
+    plain.load_state_dict(state, strict=True, assign=True)
+    plain.tie_weights()
+    return plain.eval()
+
+
+def to_original_merged(adapter_dir: str, output: str, model: str | None = None, overwrite: bool = False,
+                       measure_rows: int = 8) -> tuple[str, dict | None]:
+    """W + s·(B A − B₀ A₀) on the original weights, each tensor in its stored dtype."""
+    _check_output(output, overwrite, adapter_dir, model)
+    meta, directory = _source(adapter_dir, model)
+    _check_output(output, overwrite, adapter_dir, directory)
+    residual = RunFolder(adapter_dir).residual_adapter()
+    with open(os.path.join(residual, ADAPTER_CONFIG)) as f:
         scaling = (cfg := json.load(f))["lora_alpha"] / cfg["r"]
-    delta = _factors(load_file(os.path.join(adapter_dir, ADAPTER_FILE)),
+    delta = _factors(load_file(os.path.join(residual, ADAPTER_FILE)),
                      load_file(os.path.join(adapter_dir, INITIAL, ADAPTER_FILE)))
     files = checkpoint.shard_files(directory)
     checkpoint.check_free_space(os.path.dirname(os.path.abspath(output)), sum(map(os.path.getsize, files)),
                                 "the merged model")
     if cfg.get("target_parameters"):
-        return _merged_through_loader(directory, adapter_dir, cfg, delta, scaling, output, overwrite)
+        return _merged_through_loader(directory, adapter_dir, cfg, delta, scaling, output, overwrite), None
     stored_transposed, prefix = _layout(directory)
     with _output(output, overwrite) as tmp:
         for path in files:  # one shard in memory at a time
@@ -128,7 +287,9 @@ def to_merged(adapter_dir: str, output: str, model: str | None = None, overwrite
             if name.endswith(".json") and not os.path.exists(os.path.join(tmp, name)):
                 shutil.copy2(os.path.join(directory, name), tmp)
         _copy_tokenizer(adapter_dir, tmp)
-    return output
+        report = measure(adapter_dir, meta, "original-merged", lambda: _plain(tmp, meta), measure_rows, model=model)
+        cards.write(tmp, "original-merged", meta, report)
+    return output, report
 
 
 def _merged_through_loader(directory: str, adapter_dir: str, adapter_config: dict, delta: dict, scaling: float,
@@ -145,7 +306,7 @@ def _merged_through_loader(directory: str, adapter_dir: str, adapter_config: dic
     hf_config = AutoConfig.from_pretrained(directory)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(hf_config)
-        lora = LoraConfig.from_pretrained(adapter_dir)
+        lora = LoraConfig.from_pretrained(RunFolder(adapter_dir).residual_adapter())
         paths = experts.adapter_paths(get_peft_model(skeleton, lora))
     param_of = {path: name for name, path in paths.items()}
     delta = {param_of.get(layer, layer): factors for layer, factors in delta.items()}

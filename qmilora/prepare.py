@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -111,11 +112,26 @@ def _prepare(model, cfg: QMiLoRAConfig) -> PeftModel:
     else:
         peft_model, stats = _prepare_checkpoint(str(model), cfg)
     check_layers_run(peft_model)
+    name_residual_base(peft_model, getattr(model, "name_or_path", None) or str(model))
     stats.seconds = time.perf_counter() - t0
     _record_peaks(stats, cfg.resolved_device)
     peft_model.qmilora_stats = stats
     tqdm.write(stats.summary(), file=sys.stderr)  # beside the progress bar, logging configured or not
     return peft_model
+
+
+RESIDUAL_BASE = "qmilora residual base NF4(W - s*B0*A0) of {source}, built only by qmilora.train.load_trained"
+# PEFT checks a Hub it cannot reach for that name on each save and warns that it found none: expected, not news
+warnings.filterwarnings("ignore", message="Could not find a config file in qmilora residual base")
+
+
+def name_residual_base(model: PeftModel, source: str) -> None:
+    """Name the prepared residual, not `source`, as the adapter's base: PEFT writes this name into every adapter
+    saved from the model (a run's checkpoints and adapters, a user's save_pretrained), and (B, A) on the original
+    `source` give another, much worse model. No folder or Hub id has this name, so AutoPeftModel refuses it,
+    showing it."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = RESIDUAL_BASE.format(source=source)
 
 
 def check_layers_run(model: PeftModel) -> None:

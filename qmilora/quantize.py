@@ -5,6 +5,8 @@ relies on bitsandbytes' quantize-on-`.to()` side effect.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -119,9 +121,14 @@ def dequantize_expert(param: bnb.nn.Params4bit, expert: int) -> torch.Tensor:
     return dequantize_4bit(codes[expert * n // 2: (expert + 1) * n // 2], one)
 
 
-def dequantize(param: bnb.nn.Params4bit) -> torch.Tensor:
-    """The weight a 4-bit layer actually multiplies with (out, in), in its quant state's dtype."""
-    return dequantize_4bit(param.data, param.quant_state)
+def dequantize(param: bnb.nn.Params4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight a 4-bit layer actually multiplies with (out, in), in its quant state's dtype, or in `dtype`
+    (float32: code × absmax without a rounding to the compute dtype, for exports that cast once at the end)."""
+    state = param.quant_state
+    if dtype is not None and dtype != state.dtype:
+        state = copy.copy(state)  # the layer's own state keeps its dtype
+        state.dtype = dtype
+    return dequantize_4bit(param.data, state)
 
 
 def round_trip(weight: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool) -> torch.Tensor:

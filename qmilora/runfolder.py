@@ -26,6 +26,7 @@ from .config import QMiLoRAError
 SCHEMA = 2
 META, INITIAL, COMPLETE = "qmilora.json", "initial_adapter", ".complete"
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+RESIDUAL = "residual_adapter"  # the adapter as trained, for the NF4 residual base (the top-level one: original base)
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -65,6 +66,12 @@ class RunFolder:
             if not os.path.isfile(os.path.join(self.path, rel)):
                 raise QMiLoRAError(f"{self.path} lacks {rel}")
         return meta
+
+    def residual_adapter(self) -> str:
+        """The folder of the adapter as trained (on the residual base): residual_adapter/, or the run folder itself
+        for runs written before it existed (their top-level adapter was that one)."""
+        sub = os.path.join(self.path, RESIDUAL)
+        return sub if os.path.isfile(os.path.join(sub, ADAPTER_FILE)) else self.path
 
     def checkpoints(self) -> list[str]:
         if not os.path.isdir(self.path):

@@ -15,8 +15,8 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, Trainer
 
 from . import cache, checkpoint, cpu, loss as lm_loss
 from .config import QMiLoRAConfig, QMiLoRAError
-from .data import DataConfig, build_dataset
-from .runfolder import ADAPTER_FILE, RunFolder
+from .data import DataConfig, build_dataset, show_example
+from .runfolder import ADAPTER_FILE, RESIDUAL, RunFolder
 
 log = logging.getLogger("qmilora")
 
@@ -81,6 +81,9 @@ class _Trainer(Trainer):
     def __init__(self, *args, chunked_loss: bool = False, offload_activations: bool = False, **kwargs):
         if chunked_loss:
             kwargs["compute_loss_func"] = self._chunked_loss
+        if getattr(kwargs.get("args"), "include_num_input_tokens_seen", "no") == "all":
+            # the run's `tokens` count real input tokens; "all" (what True means to transformers) counts padding too
+            kwargs["args"].include_num_input_tokens_seen = "non_padding"
         super().__init__(*args, **kwargs)
         self.offload_activations = offload_activations
 
@@ -98,7 +101,11 @@ class _Trainer(Trainer):
         with last, lm_loss.offload(self.offload_activations and model.training):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    supervised_tokens = 0  # this session's, this process's: positions whose next token is trained on
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if inputs.get("labels") is not None:  # a label's first position is never a target (the shift)
+            self.supervised_tokens += int((inputs["labels"][..., 1:] != -100).sum())
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             last = RunFolder(self.args.output_dir).last_complete_checkpoint()
@@ -168,6 +175,8 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_set, eval_set, fmt = build_dataset(dcfg, tokenizer)  # bad data stops here, before the model loads
+    if main:  # what the model will read: the chat template and system prompt in effect, the trained span marked
+        log.info("qmilora: first training example ([[...]] is trained on):\n%s", show_example(train_set[0], tokenizer))
     if eval_set is None and args.eval_strategy != "no":
         raise QMiLoRAError("evaluation was requested (--eval_strategy) but there is no eval split: set --val_size")
     if eval_set is not None and args.eval_strategy == "no":
@@ -207,11 +216,15 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
     result = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - t0
 
-    tokens = int(trainer.state.num_input_tokens_seen)  # all processes' tokens
+    tokens = int(trainer.state.num_input_tokens_seen)  # all processes' non-padding input tokens, whole run
+    supervised = int(trainer.accelerator.reduce(torch.tensor(trainer.supervised_tokens, device=args.device), "sum"))
     summary = {"steps": trainer.state.global_step, "tokens": tokens, "wall_seconds": round(wall, 2),
                "train_loss": result.training_loss, "resumed_from": resume, "processes": args.world_size,
-               # this session's tokens over this session's time (a resumed run did the rest earlier)
-               "tokens_per_second": round((tokens - (progress.tokens_at_start or 0)) / max(wall, 1e-9), 1),
+               # this session's supervised tokens over this session's time (a resumed run did the rest earlier):
+               # prompt and padding tokens cost compute but are not what a run is sized by
+               "supervised_tokens": supervised,
+               "tokens_per_second": round(supervised / max(wall, 1e-9), 1),
+               "tokens_per_second_counts": "supervised tokens (labelled, not padding) of this session",
                "peak_memory_gb": round(_peak_gb(args), 3), "data_format": fmt, "train_rows": len(train_set),
                "eval_rows": len(eval_set) if eval_set is not None else 0,
                "loss": "chunked" if chunked else ("liger" if args.use_liger_kernel else "model")}
@@ -221,7 +234,12 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
     state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
 
     def write_files(tmp):
-        model.save_pretrained(tmp, state_dict=state)
+        from . import export
+
+        # the adapter as trained belongs to the NF4 residual base (its config names that base); what plain PEFT
+        # loads from the run folder itself is the adapter for the original base (`export.write_run_adapters`)
+        model.save_pretrained(os.path.join(tmp, RESIDUAL), state_dict=state)
+        export.write_run_adapters(tmp, os.path.join(tmp, RESIDUAL), folder.initial, meta)
         tokenizer.save_pretrained(tmp)
         _plot_loss(trainer.state.log_history, os.path.join(tmp, "loss.png"))
 
@@ -234,9 +252,10 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
     return model, summary
 
 
-def load_trained(output_dir: str, **overrides):
+def load_trained(output_dir: str, model: str | None = None, **overrides):
     """The trained model of a qmilora-train output dir: the prepared base (from the cache, or prepared again,
-    deterministically, from the verified original checkpoint) with the trained adapter weights loaded by PEFT."""
+    deterministically, from the verified original checkpoint, or `model` when it moved) with the trained adapter
+    weights (the residual-form adapter) loaded by PEFT."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -245,9 +264,9 @@ def load_trained(output_dir: str, **overrides):
     folder = RunFolder(output_dir)
     meta = folder.read_complete()
     qcfg = QMiLoRAConfig(**{**meta["qmilora"], **overrides})
-    directory = verified_source(meta, None, qcfg.resolved_cache_dir)
+    directory = verified_source(meta, model, qcfg.resolved_cache_dir)
     model = prepare_model(directory, qcfg)
-    report = set_peft_model_state_dict(model, load_file(os.path.join(output_dir, ADAPTER_FILE)))
+    report = set_peft_model_state_dict(model, load_file(os.path.join(folder.residual_adapter(), ADAPTER_FILE)))
     missing = [k for k in report.missing_keys if "lora_" in k]
     if report.unexpected_keys or missing:
         raise QMiLoRAError(f"the adapter in {output_dir} does not fit the prepared model (e.g. "

@@ -81,9 +81,9 @@ def tiny_tokenizer():
 
 
 def train_and_export(tmp_path, directory, tok):
-    """Train a checkpoint (holding `tok`) 3 steps through the CLI and export it both ways. Returns logits on the
-    same ids of (--to merged, the original base + --to lora through plain PEFT, the untouched original) and the run
-    folder."""
+    """Train a checkpoint (holding `tok`) 3 steps through the CLI and export it both original-base ways. Returns
+    logits on the same ids of (--to original-merged, the original base + --to original-lora through plain PEFT, the
+    untouched original) and the run folder."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -95,8 +95,8 @@ def train_and_export(tmp_path, directory, tok):
     assert train_main(["--model", str(directory), "--output_dir", str(out), "--cache_dir", str(tmp_path / "c"),
                        "--rank", "4", "--max_steps", "3", "--learning_rate", "5e-2", "--max_seq_length", "48",
                        "--save_strategy", "no", "--disable_tqdm", "true"]) == 0
-    assert export_main(["--adapter", str(out), "--to", "merged", "--output", str(tmp_path / "merged")]) == 0
-    assert export_main(["--adapter", str(out), "--to", "lora", "--output", str(tmp_path / "lora")]) == 0
+    assert export_main(["--adapter", str(out), "--to", "original-merged", "--output", str(tmp_path / "merged")]) == 0
+    assert export_main(["--adapter", str(out), "--to", "original-lora", "--output", str(tmp_path / "lora")]) == 0
     ids = torch.randint(1, len(tok), (1, 10), generator=torch.Generator().manual_seed(2))
     load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # noqa: E731
     with_lora = PeftModel.from_pretrained(load(directory), str(tmp_path / "lora")).eval()

@@ -24,7 +24,7 @@ def trained(tiny_llm, tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
     rc = train_main(["--model", tiny_llm, "--output_dir", str(out), "--cache_dir", cache, "--rank", "4",
                      "--lora_alpha", "8", "--max_steps", "5", "--learning_rate", "5e-2", "--max_seq_length", "48",
-                     "--disable_tqdm", "true", "--save_strategy", "no"])
+                     "--disable_tqdm", "true", "--save_steps", "5"])
     assert rc == 0
     return str(out)
 
@@ -32,9 +32,9 @@ def trained(tiny_llm, tmp_path_factory):
 def reference_logits(tiny_llm, run_dir):
     """float64: W + s·(B A − B₀ A₀) on every target of the original weights."""
     model = AutoModelForCausalLM.from_pretrained(tiny_llm, dtype=torch.float64).eval()
-    cfg = json.load(open(os.path.join(run_dir, "adapter_config.json")))
+    cfg = json.load(open(os.path.join(run_dir, "residual_adapter", "adapter_config.json")))
     s = cfg["lora_alpha"] / cfg["r"]
-    trained = load_file(os.path.join(run_dir, "adapter_model.safetensors"))
+    trained = load_file(os.path.join(run_dir, "residual_adapter", "adapter_model.safetensors"))
     initial = load_file(os.path.join(run_dir, "initial_adapter", "adapter_model.safetensors"))
     moved = 0
     for name in trained:
@@ -50,9 +50,9 @@ def reference_logits(tiny_llm, run_dir):
         return model(IDS).logits
 
 
-def test_lora_export_loads_in_plain_peft_and_matches_float64(trained, tiny_llm, tmp_path):
+def test_original_lora_export_loads_in_plain_peft_and_matches_float64(trained, tiny_llm, tmp_path):
     out = tmp_path / "lora"
-    assert export_main(["--adapter", trained, "--to", "lora", "--output", str(out)]) == 0
+    assert export_main(["--adapter", trained, "--to", "original-lora", "--output", str(out)]) == 0
     cfg = json.load(open(out / "adapter_config.json"))
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["init_lora_weights"] is True
     base = AutoModelForCausalLM.from_pretrained(tiny_llm, dtype=torch.float32).eval()
@@ -74,9 +74,9 @@ def test_residual_model_with_trained_adapter_matches_float64(trained, tiny_llm, 
     torch.testing.assert_close(got.double(), reference_logits(tiny_llm, trained), atol=2e-5, rtol=1e-5)
 
 
-def test_merged_export_is_a_plain_checkpoint(trained, tiny_llm, tmp_path):
+def test_original_merged_export_is_a_plain_checkpoint(trained, tiny_llm, tmp_path):
     out = tmp_path / "merged"
-    assert export_main(["--adapter", trained, "--to", "merged", "--output", str(out)]) == 0
+    assert export_main(["--adapter", trained, "--to", "original-merged", "--output", str(out)]) == 0
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         got = model(IDS).logits
@@ -97,10 +97,19 @@ def test_export_refuses_bad_inputs(trained, tmp_path, capsys):
     full.mkdir()
     (full / "x").write_text("keep me")
     cases = [
-        (["--adapter", str(tmp_path), "--output", str(tmp_path / "o")], "no qmilora.json"),
-        (["--adapter", trained, "--model", str(other), "--output", str(tmp_path / "o")], "content differs"),
-        (["--adapter", trained, "--output", str(full)], "exists and is not empty"),
+        (["--adapter", str(full), "--output", str(tmp_path / "o"), "--to", "merged"], "no qmilora.json"),
+        (["--adapter", trained, "--model", str(other), "--output", str(tmp_path / "o"), "--to", "original-lora"],
+         "content differs"),
+        (["--adapter", trained, "--model", str(other), "--output", str(tmp_path / "o"), "--to", "merged"],
+         "content differs"),
+        (["--adapter", trained, "--output", str(full), "--to", "merged"], "exists and is not empty"),
         (["--adapter", trained, "--output", str(tmp_path / "o"), "--to", "gguf"], "invalid choice"),
+        (["--adapter", trained, "--output", str(tmp_path / "o"), "--to", "lora"], "is now --to original-lora"),
+        (["--adapter", trained, "--output", str(tmp_path / "o")], "required"),
+        (["--adapter", trained, "--output", str(tmp_path / "o"), "--to", "original-lora", "--dtype", "float32"],
+         "applies to --to merged only"),
+        (["--adapter", trained, "--output", str(tmp_path / "o"), "--to", "merged", "--dtype", "int4"],
+         "invalid choice"),
     ]
     for argv, message in cases:
         try:
@@ -121,7 +130,7 @@ def test_interrupted_export_leaves_no_output(trained, tmp_path, monkeypatch):
 
     monkeypatch.setattr(export, "save_file", failing_save)
     with pytest.raises(KeyboardInterrupt):
-        export.to_merged(trained, str(tmp_path / "m"))
+        export.to_original_merged(trained, str(tmp_path / "m"))
     assert calls and not (tmp_path / "m").exists()
     assert [n for n in os.listdir(tmp_path) if n.startswith(".m.tmp")] == []
 
@@ -163,3 +172,101 @@ def test_generate_and_eval(trained, tmp_path, capsys):
     row = {k: torch.tensor([v]) for k, v in rows[0].items() if k in ("input_ids", "attention_mask", "labels")}
     with torch.no_grad():
         assert result["loss"] == pytest.approx(model(**row).loss.item(), rel=1e-4)
+
+
+def trained_reference(run_dir, tiny_llm):
+    """float64: what the trained model multiplies with, NF4-dequantized residual (+ s·B A where adapted) in every
+    4-bit layer, as (model with those weights, model with the residuals only)."""
+    from qmilora import quantize
+    from qmilora.interop import lora_layers
+    from qmilora.train import load_trained
+
+    trained = load_trained(run_dir, lora_dropout=0.0)
+    loras = lora_layers(trained)
+    full, residual = (AutoModelForCausalLM.from_pretrained(tiny_llm, dtype=torch.float64).eval() for _ in range(2))
+    layers = 0
+    for name, module in trained.get_base_model().named_modules():
+        if quantize.is_4bit_linear(module):
+            owner = name.removesuffix(".base_layer")
+            w = quantize.dequantize(module.weight, torch.float32).double()
+            residual.get_submodule(owner).weight.data = w.clone()
+            if owner in loras:
+                lora = loras[owner]
+                w += lora.scaling["default"] * (lora.lora_B["default"].weight.double() @
+                                                lora.lora_A["default"].weight.double())
+            full.get_submodule(owner).weight.data = w
+            layers += 1
+    assert layers == 14 and len(loras) == 14
+    with torch.no_grad():
+        return trained, full, residual
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()
+
+
+def test_merged_export_is_the_trained_model(trained, tiny_llm, tmp_path, capsys):
+    """--to merged: the dequantized NF4 residual plus s·B A; its logits equal load_trained's (float32: to rounding),
+    both equal the float64 reference; bf16 weights are the reference cast once. Measured: 100% top-1 agreement."""
+    model, ref, _ = trained_reference(trained, tiny_llm)
+    expected = logits(ref)
+    torch.testing.assert_close(logits(model), expected, atol=2e-5, rtol=1e-5)
+    out, report = export.to_merged(trained, str(tmp_path / "m32"), dtype="float32")
+    got = logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval())
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got, logits(model), atol=2e-5, rtol=1e-5)
+    assert (got - logits(AutoModelForCausalLM.from_pretrained(tiny_llm, dtype=torch.float32))).abs().max() > 1e-3
+    assert report["top1_agreement"] == 1.0 and report["loss"] == pytest.approx(report["trained_loss"], abs=1e-4)
+    assert "merged: loss" in capsys.readouterr().err
+    card = (tmp_path / "m32" / "README.md").read_text()
+    assert "100.0%" in card and f"{report['trained_loss']:.4f}" in card
+
+    assert export_main(["--adapter", trained, "--to", "merged", "--output", str(tmp_path / "m16"),
+                        "--measure_rows", "0"]) == 0  # bf16 by default
+    weights = {k: v for f in os.listdir(tmp_path / "m16") if f.endswith(".safetensors")
+               for k, v in load_file(tmp_path / "m16" / f).items()}
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert weights[name].dtype == torch.bfloat16
+    assert torch.equal(weights[name], ref.get_submodule(name.removesuffix(".weight")).weight.to(torch.bfloat16))
+    assert not (tmp_path / "m16" / "README.md").read_text().count("|")  # nothing measured, no table
+
+
+def test_every_run_artifact_in_plain_peft(trained, tiny_llm, tmp_path):
+    """What plain PEFT / transformers users load from a run folder: the folder itself gives the original-base model
+    (documented, with its card); the residual-form adapters (final, initial, checkpoint) name the residual base, so
+    AutoPeftModel refuses them, and on that base (here a plain checkpoint of the dequantized residual) the final one
+    gives the trained model."""
+    from peft import AutoPeftModelForCausalLM
+
+    model, ref, residual = trained_reference(trained, tiny_llm)
+    original = AutoModelForCausalLM.from_pretrained(tiny_llm, dtype=torch.float32).eval()
+    top = json.load(open(os.path.join(trained, "adapter_config.json")))
+    assert top["base_model_name_or_path"] == tiny_llm and top["r"] == 8
+    assert "not the trained model" in open(os.path.join(trained, "README.md")).read()
+    on_original = logits(PeftModel.from_pretrained(original, trained).eval())
+    torch.testing.assert_close(on_original, reference_logits(tiny_llm, trained), atol=2e-5, rtol=1e-5)
+    assert (on_original - logits(model)).abs().max() > 1e-3  # not the trained model: that is what the card says
+
+    for sub in ("residual_adapter", "initial_adapter", "checkpoint-5"):
+        cfg = json.load(open(os.path.join(trained, sub, "adapter_config.json")))
+        assert cfg["base_model_name_or_path"].startswith("qmilora residual base NF4(W - s*B0*A0) of "), sub
+        with pytest.raises((OSError, ValueError), match="qmilora residual base"):
+            AutoPeftModelForCausalLM.from_pretrained(os.path.join(trained, sub))
+    assert "load_trained" in open(os.path.join(trained, "residual_adapter", "README.md")).read()
+    residual.to(torch.float32).save_pretrained(tmp_path / "residual-base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "residual-base", dtype=torch.float32).eval()
+    on_residual = logits(PeftModel.from_pretrained(base, os.path.join(trained, "residual_adapter")).eval())
+    torch.testing.assert_close(on_residual, logits(model), atol=2e-5, rtol=1e-5)
+
+
+def test_original_base_exports_measure_their_distance(trained, tmp_path, capsys):
+    """The original-base exports are not the trained model; each says by how much, on the run's own rows."""
+    _, report = export.to_original_lora(trained, str(tmp_path / "l"), measure_rows=4)
+    err = capsys.readouterr().err
+    assert "original-lora: loss" in err and "top-1 agreement" in err and "4 rows of the first training rows" in err
+    assert report["tokens"] > 0 and abs(report["loss"] - report["trained_loss"]) > 1e-6
+    card = (tmp_path / "l" / "README.md").read_text()
+    assert f"{report['loss']:.4f}" in card and "--max-lora-rank >= 8" in card
+    _, merged = export.to_original_merged(trained, str(tmp_path / "om"), measure_rows=4)
+    assert merged["loss"] == pytest.approx(report["loss"], abs=1e-4)  # the same model on the same rows

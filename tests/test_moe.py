@@ -328,7 +328,7 @@ def test_moe_train_export_and_reload(tmp_path, family):
     assert rel(a, b) < 1e-5 and rel(a, c) > 1e-3  # trained: it moved, and both exports agree
     # the run's adapter on a fresh 4-bit preparation: training is reproduced up to NF4 (same as the run's model)
     fresh = prepare_model(str(d), rank=4, cache_dir=str(tmp_path / "c"))
-    fresh.load_adapter(str(out), adapter_name="trained", is_trainable=False)
+    fresh.load_adapter(str(out / "residual_adapter"), adapter_name="trained", is_trainable=False)
     fresh.set_adapter("trained")
     from qmilora.train import load_trained
 

@@ -1,0 +1,90 @@
+"""How far a model lands from the trained one, on a few rows the run already has: the supervised tokens of its eval
+split (or, without one, of its first training rows). Two numbers per model: its mean loss there, and the share of
+those positions whose top-1 token equals the trained model's (the trained model itself scores 100%).
+
+The trained model is `load_trained`'s: the NF4 residual plus s·B·A, as it ran in training and in qmilora-eval."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import QMiLoRAError
+
+log = logging.getLogger("qmilora")
+IGNORE = -100
+
+
+@dataclass
+class Rows:
+    rows: list[dict]  # tokenized {input_ids, attention_mask, labels}
+    where: str  # "eval split" or "training rows", for the report
+    tokens: int  # supervised target positions
+
+
+@dataclass
+class Score:
+    artifact: str
+    loss: float
+    top1_agreement: float  # share of supervised positions with the trained model's top-1 token
+    tokens: int
+    rows: str
+
+    def line(self, trained_loss: float) -> str:
+        return (f"{self.artifact}: loss {self.loss:.4f} ({self.loss - trained_loss:+.4f} vs the trained model), "
+                f"top-1 agreement {100 * self.top1_agreement:.1f}% on {self.tokens} supervised tokens of "
+                f"{self.rows}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_rows(run_dir: str, meta: dict, tokenizer, limit: int) -> Rows | None:
+    """Up to `limit` rows of the run's eval split, else of its training rows, rebuilt from the recorded data config
+    (the split is seeded, so these are the rows the run held out). None when the data is no longer readable."""
+    from .data import DataConfig, build_dataset
+
+    try:
+        train, held, _ = build_dataset(DataConfig(**meta["data"]), tokenizer)
+    except (QMiLoRAError, TypeError) as err:  # the data file moved, or the record predates a field
+        log.warning("qmilora: cannot rebuild the run's data to measure fidelity (%s)", err)
+        return None
+    data, where = (held, "the eval split") if held is not None else (train, "the first training rows")
+    rows = [data[i] for i in range(min(limit, len(data)))]
+    tokens = sum(sum(1 for t in r["labels"][1:] if t != IGNORE) for r in rows)
+    return Rows(rows, f"{len(rows)} rows of {where}", tokens)
+
+
+def _batches(model, rows: Rows, tokenizer, batch_size: int = 4):
+    """(logits at the supervised positions (n, vocab) float32, their targets (n,)) per batch."""
+    from transformers import DataCollatorForSeq2Seq
+
+    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows.rows), batch_size):
+            batch = collate(rows.rows[i: i + batch_size])
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
+            labels = batch["labels"][:, 1:].to(device)
+            keep = labels != IGNORE
+            yield logits[keep].float(), labels[keep]
+
+
+def reference(model, rows: Rows, tokenizer) -> tuple[float, list[torch.Tensor]]:
+    """The trained model's mean loss on `rows` and its top-1 tokens there (per batch)."""
+    total, tops = 0.0, []
+    for logits, targets in _batches(model, rows, tokenizer):
+        total += torch.nn.functional.cross_entropy(logits.double(), targets, reduction="sum").item()
+        tops.append(logits.argmax(-1).cpu())
+    return total / max(rows.tokens, 1), tops
+
+
+def score(name: str, model, rows: Rows, tokenizer, tops: list[torch.Tensor]) -> Score:
+    total, same = 0.0, 0
+    for (logits, targets), top in zip(_batches(model, rows, tokenizer), tops, strict=True):
+        total += torch.nn.functional.cross_entropy(logits.double(), targets, reduction="sum").item()
+        same += int((logits.argmax(-1).cpu() == top).sum())
+    return Score(name, total / max(rows.tokens, 1), same / max(rows.tokens, 1), rows.tokens, rows.where)
