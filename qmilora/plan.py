@@ -37,10 +37,10 @@ _OPTIMIZER_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "adamw_bnb_8bit": 2,
 
 @dataclass
 class PlanConfig:
-    model: str = field(metadata={"help": "Checkpoint directory or Hub id (only config.json is read).", "aliases": ["--model_name_or_path"]})
+    model: str = field(metadata={"help": "A checkpoint directory, a config.json file, a Hub id, or a family qmilora ships the config.json of (llama-2-7b, llama-2-13b, llama-3-8b, mistral-7b, qwen2.5-7b, qwen3-30b-a3b, gpt-oss-20b, or their Hub ids): only config.json is read.", "aliases": ["--model_name_or_path"]})
     max_seq_length: int = field(default=2048, metadata={"help": "Tokens per sequence.", "aliases": ["--max_length"]})
     per_device_train_batch_size: int = field(default=1, metadata={"help": "Micro-batch size."})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "Activation checkpointing per layer."})
+    activation_checkpointing: bool = field(default=True, metadata={"help": "Activation checkpointing per layer, as qmilora-train --activation_checkpointing.", "aliases": ["--gradient_checkpointing"]})
     optim: str = field(default="paged_adamw_8bit", metadata={"help": "Optimizer, as in TrainingArguments."})
     fused_attention: bool = field(default=True, metadata={"help": "SDPA/flash attention (no T×T score matrices kept)."})
     gpu_memory: str = field(default="24GB", metadata={"help": "Card size to check the plan against, e.g. 24GB."})
@@ -131,15 +131,15 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     grads_and_optimizer = adapter_params * (4 + optimizer_bytes + (4 if cfg.num_gpus > 1 and not cfg.fsdp else 0))
     tokens = cfg.max_seq_length * cfg.per_device_train_batch_size
     per_layer = tokens * (34 * c["hidden"] + (0 if cfg.fused_attention else 5 * c["heads"] * cfg.max_seq_length))
-    checkpoints = c["layers"] * tokens * c["hidden"] * 2 if cfg.gradient_checkpointing else 0
-    layers_kept = per_layer if cfg.gradient_checkpointing else c["layers"] * per_layer
+    checkpoints = c["layers"] * tokens * c["hidden"] * 2 if cfg.activation_checkpointing else 0
+    layers_kept = per_layer if cfg.activation_checkpointing else c["layers"] * per_layer
     routed = min(c["num_experts"], tokens * c["top_k"]) * c["expert_params"] * qcfg.torch_compute_dtype.itemsize
     full_logits = 3 * tokens * c["vocab"] * 4
     logits = 3 * min(tokens * c["vocab"] * 4, max(lm_loss.CHUNK_BYTES, c["vocab"] * 4)) if cfg.chunked_loss else full_logits
     # With checkpointing the logits (end of forward) and the recomputed layer (backward) are never alive together:
     # the larger of the two counts. Measured on an H200, Llama-2-7B shape at 2048 tokens (issue 15): the sum
     # over-planned the model's loss by 13%, the larger of the two is within 10% for both losses.
-    transient = max(layers_kept, logits) if cfg.gradient_checkpointing else layers_kept + logits
+    transient = max(layers_kept, logits) if cfg.activation_checkpointing else layers_kept + logits
     activations = transient + routed + (0 if cfg.offload_activations else checkpoints)
     out_f, in_f = c["largest_linear"]
     k = min(out_f, in_f)
@@ -159,7 +159,7 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     # QLoRA's float32 embeddings keep the residual stream (the checkpointed layer inputs) in float32
     # (transformers' bitsandbytes path leaves MoE expert stacks unquantized: upcast to float32 with the rest)
     qlora_four_bit = c["linear"] * bytes_per_4bit_weight(qcfg.blocksize, qcfg.double_quant)
-    qlora_transient = max(layers_kept, full_logits) if cfg.gradient_checkpointing else layers_kept + full_logits
+    qlora_transient = max(layers_kept, full_logits) if cfg.activation_checkpointing else layers_kept + full_logits
     qlora_static = qlora_four_bit + (c["other"] + c["experts"]) * 4
     if cfg.fsdp:  # sharded the same way (adapters and grads_and_optimizer are per GPU already)
         qlora_static = qlora_static / cfg.num_gpus + 2 * qlora_static / max(1, c["layers"])

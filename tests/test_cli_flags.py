@@ -135,3 +135,23 @@ def test_a_table_written_by_another_account_or_damaged_is_ignored(monkeypatch, t
     with open(path, "w") as f:
         f.write("{not json")
     assert flags.early("qmilora-x", ["--n", "x"]) is None
+
+
+@pytest.mark.parametrize("verb", ["train", "plan", "inspect"])
+def test_negations_say_what_they_do(verb, monkeypatch, capsys):
+    """`--no_<flag>` (added for booleans that default to true) reads as what it does, not as the flag's help with
+    "(default: False)"."""
+    parser, _ = real_parser(verb, monkeypatch, capsys)
+    negations = [a for a in parser._actions if isinstance(a, argparse._StoreFalseAction)]
+    assert negations
+    for action in negations:
+        assert action.help == f"The same as --{action.dest} false.", action.option_strings
+        assert action.default is argparse.SUPPRESS  # shows no "(default: ...)"; the flag's own action holds it
+
+
+def test_activation_checkpointing_has_one_name_across_verbs(monkeypatch, capsys):
+    for verb in ("train", "plan"):
+        parser, help_text = real_parser(verb, monkeypatch, capsys)
+        assert "--activation_checkpointing" in help_text
+        dests = {a.dest for a in parser._actions if "--gradient_checkpointing" in a.option_strings}
+        assert dests <= {"activation_checkpointing", "gradient_checkpointing"}

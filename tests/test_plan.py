@@ -99,7 +99,7 @@ def test_plan_arithmetic_and_cli(even_ckpt, capsys):
     long = plan(PlanConfig(model=even_ckpt, max_seq_length=128), Q8, hf)
     assert long["logits_gb"] == pytest.approx(2 * small["logits_gb"])
     assert long["quantized_weights_gb"] == small["quantized_weights_gb"]
-    no_ckpt = plan(PlanConfig(model=even_ckpt, max_seq_length=64, gradient_checkpointing=False), Q8, hf)
+    no_ckpt = plan(PlanConfig(model=even_ckpt, max_seq_length=64, activation_checkpointing=False), Q8, hf)
     assert no_ckpt["activations_gb"] > small["activations_gb"]
     adamw = plan(PlanConfig(model=even_ckpt, optim="adamw_torch"), Q8, hf)
     assert adamw["grads_and_optimizer_gb"] == pytest.approx(small["grads_and_optimizer_gb"] * 12 / 6)

@@ -48,7 +48,7 @@ def parse_flags(prog: str, groups: tuple, argv: list[str], description: str | No
     from ..config import QMiLoRAError
     from .flags import remember
 
-    parser = one_line_errors(HfArgumentParser(groups, prog=prog, description=description))
+    parser = tidy_negations(one_line_errors(HfArgumentParser(groups, prog=prog, description=description)))
     remember(prog, parser)
     *parsed, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if rest:
@@ -64,4 +64,16 @@ def one_line_errors(parser):
         raise QMiLoRAError(f"{message} (see --help)")
 
     parser.error = error
+    return parser
+
+
+def tidy_negations(parser):
+    """HfArgumentParser adds `--no_<flag>` for each boolean that defaults to true, repeating the flag's help and
+    showing "(default: False)", the opposite of the truth: say what it does instead."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._StoreFalseAction) and action.option_strings[0] == f"--no_{action.dest}":
+            action.help = f"The same as --{action.dest} false."
+            action.default = argparse.SUPPRESS  # shown by no formatter; the flag's own action holds the default
     return parser

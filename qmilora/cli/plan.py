@@ -5,24 +5,33 @@ from __future__ import annotations
 import sys
 
 from . import parse_flags, run
-from ..config import QMiLoRAConfig
-from dataclasses import replace
-
-from ..plan import PlanConfig, parse_size, plan
 
 
 def main(argv: list[str] | None = None) -> int:
     def body():
         from transformers import AutoConfig
 
-        from ..checkpoint import refuse_quantized_config, resolve_config
+        from ..checkpoint import refuse_quantized_config
+        from ..config import QMiLoRAConfig, QMiLoRAError
+        from ..configs import locate
+        from ..plan import PlanConfig, plan
+
+        def refuse(message):
+            raise QMiLoRAError(message)
 
         args = sys.argv[1:] if argv is None else argv
         cfg, qcfg = parse_flags("qmilora-plan", (PlanConfig, QMiLoRAConfig), args, __doc__)
         if not any(a.split("=")[0] == "--compute_dtype" for a in args):
             qcfg.compute_dtype = "bfloat16"
-        hf_config = AutoConfig.from_pretrained(resolve_config(cfg.model))
+        path, origin = locate(cfg.model, refuse)
+        try:
+            hf_config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as err:
+            raise QMiLoRAError(f"{path} is not a config.json transformers can read ({type(err).__name__}: "
+                               f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
         refuse_quantized_config(hf_config)
+        if origin:
+            print(origin)
         p = plan(cfg, qcfg, hf_config)
         rows = [(f"4-bit weights, quant states, rest in {qcfg.compute_dtype}", p["quantized_weights_gb"]),
                 ("adapters (fp32)", p["adapters_gb"]), ("adapter grads + optimizer state", p["grads_and_optimizer_gb"]),
@@ -54,8 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     return run("qmilora-plan", body)
 
 
-def advice(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> str:
+def advice(cfg, qcfg, hf_config) -> str:
     """What would fit: the memory options first, then the longest sequence (a power of two) with them."""
+    from dataclasses import replace
+
+    from ..plan import parse_size, plan
+
     options = replace(cfg, chunked_loss=True, offload_activations=True)
     if plan(options, qcfg, hf_config)["fits"]:
         flags = [f for f, on in (("--chunked_loss true", not cfg.chunked_loss),
