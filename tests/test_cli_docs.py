@@ -1,4 +1,4 @@
-"""README's commands stay true, and the CPU thread defaults do what qmilora.cpu says."""
+"""The documented commands stay true (README.md and docs/*.md), and the CPU thread defaults do what qmilora.cpu says."""
 import json
 import os
 import re
@@ -9,37 +9,47 @@ import torch
 
 from qmilora import cpu
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
 
 
-def readme_lines():
-    """(argv, comment) of every command line in README's bash blocks that runs a qmilora command."""
-    text = open(README).read()
+def doc_pages() -> list[str]:
+    """README.md, then the docs/ pages in the order README links them, then any other page."""
+    docs = os.path.join(ROOT, "docs")
+    pages = sorted(os.path.join(d, f) for d, _, fs in os.walk(docs) for f in fs if f.endswith(".md"))
+    linked = [os.path.normpath(os.path.join(ROOT, link)) for link in re.findall(r"\]\((docs/[^)#]+\.md)", open(README).read())]
+    ordered = [p for p in dict.fromkeys(linked) if p in pages]
+    return [README] + ordered + [p for p in pages if p not in ordered]
+
+
+def doc_lines():
+    """(argv, comment) of every command line in the documentation's bash blocks that runs a qmilora command."""
     found = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.splitlines():
-            command, _, comment = line.partition("  #")
-            for part in command.split("&&"):
-                argv = shlex.split(part.strip())
-                if any(a.startswith("qmilora") for a in argv):
-                    found.append((argv, comment.strip()))
+    for page in doc_pages():
+        for block in re.findall(r"```bash\n(.*?)```", open(page).read(), re.S):
+            for line in block.splitlines():
+                command, _, comment = line.partition("  #")
+                for part in command.split("&&"):
+                    argv = shlex.split(part.strip())
+                    if any(a.startswith("qmilora") for a in argv):
+                        found.append((argv, comment.strip()))
     return found
 
 
-def readme_commands():
+def doc_commands():
     """The qmilora command of each of those lines, as argv (a launcher's line, `torchrun ... qmilora-train ...`,
     from the qmilora command on)."""
-    return [argv[next(i for i, a in enumerate(argv) if a.startswith("qmilora")):] for argv, _ in readme_lines()]
+    return [argv[next(i for i, a in enumerate(argv) if a.startswith("qmilora")):] for argv, _ in doc_lines()]
 
 
-def test_readme_has_commands():
-    verbs = {argv[0] if argv[0] != "qmilora" else f"qmilora-{argv[1]}" for argv in readme_commands()}
+def test_docs_have_commands():
+    verbs = {argv[0] if argv[0] != "qmilora" else f"qmilora-{argv[1]}" for argv in doc_commands()}
     assert {"qmilora-train", "qmilora-export", "qmilora-generate", "qmilora-eval", "qmilora-plan",
             "qmilora-inspect"} <= verbs
 
 
-@pytest.mark.parametrize("argv", readme_commands(), ids=lambda a: " ".join(a)[:60])
-def test_readme_command_flags_exist(argv, capsys):
+@pytest.mark.parametrize("argv", doc_commands(), ids=lambda a: " ".join(a)[:60])
+def test_documented_command_flags_exist(argv, capsys):
     """Each documented command names a real entry point and only flags its --help lists."""
     from qmilora.cli.main import VERBS, main
 
@@ -51,6 +61,14 @@ def test_readme_command_flags_exist(argv, capsys):
     help_text = capsys.readouterr().out
     for flag in (a.split("=")[0] for a in argv if a.startswith("--") and a != "--config"):
         assert re.search(rf"(^|\s|\[){re.escape(flag)}(\s|,|$|\])", help_text, re.M), (flag, argv)
+
+
+def test_documented_files_exist():
+    """Every file a documented command reads (examples/..., a --config) ships with the repository."""
+    for argv in doc_commands():
+        for a in argv:
+            if a.startswith("examples/"):
+                assert os.path.isfile(os.path.join(ROOT, a)), (a, argv)
 
 
 def test_solver_pools_are_limited_together():
@@ -88,16 +106,21 @@ def test_prepare_restores_the_callers_threads(tiny_ckpt, tmp_path):
 
 
 def tiny_inputs(argv, model):
-    """A README command, run on tiny inputs: the model is the tiny checkpoint, the rank fits it, training stops
-    after one step; everything else stays as documented."""
+    """A documented command, run on tiny inputs: the model is the tiny checkpoint (the demo model where none is
+    named: it would take minutes), the rank fits it, training stops after one step; everything else stays as
+    written. qmilora-plan runs exactly as written: it reads config.json only (shipped for the families it names)."""
     out = list(argv)
+    verb = out[out.index("qmilora") + 1] if "qmilora" in out else next(a for a in out if a.startswith("qmilora-"))
+    if verb.endswith("plan"):
+        return out
     for i, a in enumerate(out[:-1]):
         if a == "--model":
             out[i + 1] = model
         if a == "--rank":
             out[i + 1] = "4"
-    verb = out[out.index("qmilora") + 1] if "qmilora" in out else next(a for a in out if a.startswith("qmilora-"))
-    if verb.endswith(("train", "plan", "inspect")) and "--rank" not in out and "--config" not in out:
+    if verb.endswith(("train", "inspect")) and "--model" not in out:
+        out += ["--model", model]
+    if verb.endswith(("train", "inspect")) and "--rank" not in out:
         out += ["--rank", "4"]
     if verb.endswith("train"):
         out += ["--max_steps", "1", "--per_device_train_batch_size", "2", "--disable_tqdm", "true"]
@@ -107,38 +130,32 @@ def tiny_inputs(argv, model):
 
 
 @pytest.mark.slow
-def test_readme_commands_run_as_written_on_tiny_inputs(tiny_llm, tmp_path, monkeypatch):
-    """Every README command runs, in README's order, in one folder (a user's session), on the tiny model. Left
-    out: the quick start's demo run (tests/test_demo.py runs it) and launches that need GPUs or several hosts."""
+def test_documented_commands_run_as_written_on_tiny_inputs(tiny_llm, tmp_path, monkeypatch):
+    """Every documented command runs, in the documentation's order, in one folder holding what a fresh clone holds
+    (a user's session), on the tiny model. Left out: the quick start's demo run (tests/test_demo.py runs it),
+    installs, and launches that need GPUs or several hosts."""
     import shutil
     import subprocess
     import sys
 
-    from qmilora.data import BUNDLED
-
+    shutil.copytree(os.path.join(ROOT, "examples"), tmp_path / "examples")
     monkeypatch.chdir(tmp_path)
-    for name in ("train.jsonl", "heldout.jsonl"):
-        shutil.copy(BUNDLED, name)
-    (tmp_path / "run.yaml").write_text(f"model: {tiny_llm}\noutput_dir: out-yaml\nrank: 4\n")
     bin_dir = os.path.dirname(sys.executable)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "TQDM_DISABLE": "1",
-           "QMILORA_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "TQDM_DISABLE": "1"}
     ran = []
-    for argv, comment in readme_lines():
-        if argv[0] == "python" or "--output_dir qmilora-demo" in " ".join(argv):
+    for argv, comment in doc_lines():
+        if argv[0] in ("python", "pip") or "--output_dir qmilora-demo" in " ".join(argv):
             continue
         if argv[0] in ("accelerate", "torchrun") and "CPU" not in comment:
             continue  # needs several GPUs or hosts
-        if argv[0] == "qmilora" and argv[1] == "train":  # `--model ... --data ...` placeholders
-            argv = ["qmilora", "train", "--model", "...", "--data", "train.jsonl", "--output_dir", "out-verb"]
         argv = tiny_inputs(argv, tiny_llm)
         if argv[0] == "torchrun":
             argv = [os.path.join(bin_dir, "torchrun"), *argv[1:]]
-            argv[argv.index("--output_dir") + 1] = "out-ddp"
         proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, (argv, proc.stderr[-2000:])
         ran.append(argv[0].rsplit("/", 1)[-1] + (" " + argv[1] if argv[0] == "qmilora" else ""))
     assert {"qmilora-train", "qmilora train", "qmilora-export", "qmilora-generate", "qmilora-eval", "qmilora-plan",
             "qmilora-inspect", "torchrun"} <= set(ran), ran
     assert (tmp_path / "out-lora" / "adapter_config.json").exists() and (tmp_path / "report").is_dir()
-    assert json.load(open(tmp_path / "out-ddp" / "qmilora.json"))["summary"]["processes"] == 2
+    assert json.load(open(tmp_path / "out-cpu2" / "qmilora.json"))["summary"]["processes"] == 2
+    assert json.load(open(tmp_path / "out-recipe" / "qmilora.json"))["data"]["data"] == "examples/chat.jsonl"
