@@ -10,6 +10,9 @@
 The key covers the source checkpoint's content identity and every config field that changes the prepared tensors.
 An entry is verified against its recorded sizes and digests before it is used (memoized per unchanged file, so a
 rerun reads nothing twice); a damaged entry is removed and rebuilt.
+
+The cache is private: its root is created 0700 and refused (one line) when another account owns it or may write
+it, as are its entries, since whatever verifies there is loaded and trained on. Entries are written 0600.
 """
 from __future__ import annotations
 
@@ -19,15 +22,22 @@ import logging
 import os
 import shutil
 
-from . import checkpoint
+from . import checkpoint, files as qfiles
 
 log = logging.getLogger("qmilora")
 FORMAT = 2
 BASE, ADAPTER, META = "base", "initial_adapter", "qmilora.json"
 
 
+def open_root(path: str) -> str:
+    """The cache folder, created private when missing; refused when another account owns or may write it."""
+    return qfiles.private_dir(path, "the qmilora cache")
+
+
 def memo(root: str) -> checkpoint.DigestMemo:
-    return checkpoint.DigestMemo(os.path.join(root, "digests"))
+    digests = os.path.join(open_root(root), "digests")
+    qfiles.check_private(digests, "the qmilora digest memo")
+    return checkpoint.DigestMemo(digests)
 
 
 def key(source_identity: str, recipe: dict) -> str:
@@ -71,13 +81,14 @@ class Entry:
 
     def problem(self) -> str | None:
         """Why this entry cannot be used (missing, truncated or changed file), or None when it verifies."""
+        qfiles.check_private(self.path, "the cache entry")
         meta = self.meta()
         if meta is None:
             return f"{META} is missing or unreadable"
         digests = memo(self.root)
         for rel, (size, digest) in meta.get("files", {}).items():
             path = os.path.join(self.path, rel)
-            if not os.path.isfile(path):
+            if not os.path.isfile(path) or os.path.islink(path):
                 return f"{rel} is missing"
             if os.path.getsize(path) != size:
                 return f"{rel} has {os.path.getsize(path)} bytes, {size} were written"
@@ -92,16 +103,13 @@ class Entry:
 
     def write(self, save, meta: dict, expected_bytes: int = 0) -> None:
         """`save(tmp_base, tmp_adapter)` writes the model files; then the manifest, then the atomic rename."""
+        open_root(self.root)
         checkpoint.check_free_space(self.root, expected_bytes, "the prepared-model cache entry")
-        with checkpoint.atomic_dir(self.path, overwrite=True) as tmp:
+        with qfiles.atomic_dir(self.path, overwrite=True, private=True) as tmp:
             save(os.path.join(tmp, BASE), os.path.join(tmp, ADAPTER))
-            files = {}
-            for folder, _, names in os.walk(tmp):
-                for name in names:
-                    path = os.path.join(folder, name)
-                    files[os.path.relpath(path, tmp)] = (os.path.getsize(path), checkpoint.file_digest(path))
-            with open(os.path.join(tmp, META), "w") as f:
-                json.dump({**meta, "format": FORMAT, "files": files}, f, indent=2)
+            written = qfiles.manifest(tmp, skip=(qfiles.MARKER,))
+            with qfiles.open_new(os.path.join(tmp, META), 0o600) as f:
+                f.write(json.dumps({**meta, "format": FORMAT, "files": written}, indent=2).encode())
         digests = memo(self.root)  # the files were just hashed: remember them under their final paths
-        for rel, (_, digest) in files.items():
+        for rel, (_, digest) in written.items():
             digests.put(os.path.join(self.path, rel), digest)

@@ -2,7 +2,6 @@
 files and directories atomically (temporary name, then rename). Loading the tensors is transformers' job."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -11,10 +10,11 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import threading
 
+from . import files
 from .config import QMiLoRAError
+from .files import atomic_dir, default_dir_mode, remove_stale_temporaries, write_atomic  # noqa: F401 (re-exported)
 
 # Tensor-name suffixes that quantized checkpoints carry beside (or instead of) a float `weight`:
 # bitsandbytes (absmax, quant_map, quant_state, SCB), GPTQ/AWQ (qweight, qzeros, scales, g_idx).
@@ -144,55 +144,81 @@ def peak_rss_gb() -> float:
 _CHUNK = 8 << 20
 
 
-def file_digest(path: str) -> str:
-    """sha256 of a file's bytes (hashlib releases the GIL on each chunk, so this overlaps other work in a thread)."""
+def _stat_key(path: str, st: os.stat_result) -> str:
+    return f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0{st.st_dev}"
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == \
+        (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns, b.st_ctime_ns)
+
+
+def _hash_open(path: str) -> tuple[str, os.stat_result, bool]:
+    """(sha256, the stat of the bytes hashed, whether `path` still names those unchanged bytes afterwards).
+
+    The stat comes from the open file, before reading: a file renamed into place or rewritten meanwhile (rsync and
+    hub downloads rename) is detected by comparing it with the file's stat after the hash and the path's."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        before = os.fstat(f.fileno())
         while chunk := f.read(_CHUNK):
             h.update(chunk)
-    return h.hexdigest()
+        after = os.fstat(f.fileno())
+    try:
+        now = os.stat(path)
+    except OSError:
+        return h.hexdigest(), before, False
+    return h.hexdigest(), before, _same_file(before, after) and _same_file(before, now)
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes (hashlib releases the GIL on each chunk, so this overlaps other work in a thread)."""
+    return _hash_open(path)[0]
 
 
 class DigestMemo:
-    """File digests remembered by (real path, size, mtime, ctime, inode), so an unchanged file is hashed once.
+    """File digests remembered by (real path, size, mtime, ctime, inode, device), so an unchanged file is hashed once.
 
     Any write to a file changes its mtime and ctime (ctime cannot be set back by a user), so a memo hit means the
-    bytes are those that were hashed. One small JSON file per stat key under `directory`; None disables the memo.
+    bytes are those that were hashed. A digest is remembered only under the stat its bytes had while they were read,
+    and only when the file did not change during the read. One small JSON file per stat key under `directory`
+    (inside the private cache); None disables the memo.
     """
 
     def __init__(self, directory: str | None):
         self.directory = directory
 
-    def _path(self, path: str) -> str | None:
-        if self.directory is None:
-            return None
-        st = os.stat(path)
-        key = f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}"
+    def _memo_path(self, key: str) -> str:
         return os.path.join(self.directory, hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
 
     def get(self, path: str) -> str | None:
-        memo = self._path(path)
+        if self.directory is None:
+            return None
         try:
-            with open(memo) as f:
+            with open(self._memo_path(_stat_key(path, os.stat(path)))) as f:
                 return json.load(f)["sha256"]
         except (TypeError, OSError, ValueError, KeyError):
             return None
 
-    def put(self, path: str, digest: str) -> None:
-        memo = self._path(path)
-        if memo is None:
+    def put(self, path: str, digest: str, st: os.stat_result | None = None) -> None:
+        """Remember `digest` for the file whose stat is `st` (default: the file at `path` now; pass the stat taken
+        when the bytes were hashed whenever the file might have changed since)."""
+        if self.directory is None:
             return
         try:
-            os.makedirs(self.directory, exist_ok=True)
-            write_atomic(memo, json.dumps({"path": os.path.realpath(path), "sha256": digest}).encode())
+            key = _stat_key(path, st or os.stat(path))
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            write_atomic(self._memo_path(key), json.dumps({"path": os.path.realpath(path), "sha256": digest}).encode(),
+                         private=True)
         except OSError:
             pass  # a memo is an optimization: an unwritable cache only costs a rehash next time
 
     def digest(self, path: str) -> str:
         found = self.get(path)
         if found is None:
-            found = file_digest(path)
-            self.put(path, found)
+            found, st, unchanged = _hash_open(path)
+            if unchanged:
+                self.put(path, found, st)
         return found
 
 
@@ -202,10 +228,16 @@ class SourceIdentity:
     Any changed byte in any tensor gives another identity. Shards already hashed (same stat) come from the memo;
     the others can be hashed in a background thread while the caller streams the same files (`start`), so the
     first computation costs little wall time; `value()` waits for it.
+
+    config.json's bytes and every shard's stat are taken when this is created (before the caller parses or streams
+    them); `value()` refuses if any of them changed since, so an identity never names other bytes than those used.
     """
 
-    def __init__(self, directory: str, files: list[str], memo: DigestMemo):
+    def __init__(self, directory: str, files: list[str], memo: DigestMemo, parsed_config: bytes | None = None):
         self.directory, self.files, self.memo = directory, list(files), memo
+        # the bytes the caller parsed, when it read them before this
+        self.config_bytes = config_bytes(directory) if parsed_config is None else parsed_config
+        self._stats = {f: _stat_or_none(f) for f in self.files}
         self._digests = {f: memo.get(f) for f in self.files}
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -240,24 +272,44 @@ class SourceIdentity:
             self._thread.join()
         if self._error is not None:
             raise QMiLoRAError(f"could not read {self.directory} to identify it: {self._error}")
+        self.check_unchanged()
         return self._combine()
+
+    def check_unchanged(self) -> None:
+        """Refuse when config.json or a shard changed since this identity was started (a download or copy still
+        writing, or another program): the model built from it would not be the one the identity names."""
+        if config_bytes(self.directory) != self.config_bytes:
+            raise QMiLoRAError(f"{os.path.join(self.directory, 'config.json')} changed while the model was being "
+                               "prepared; run again once nothing writes to the checkpoint")
+        for path, st in self._stats.items():
+            now = _stat_or_none(path)
+            if st is None or now is None or not _same_file(st, now):
+                raise QMiLoRAError(f"{path} changed while the model was being prepared (replaced or rewritten); run "
+                                   "again once nothing writes to the checkpoint")
 
     def weak(self) -> str:
         """config.json and the shard headers only: equal for two checkpoints that may hold the same content."""
-        h = hashlib.sha256(_config_bytes(self.directory))
+        h = hashlib.sha256(self.config_bytes)
         for path in self.files:
             h.update(os.path.basename(path).encode())
             h.update(json.dumps(read_header(path), sort_keys=True).encode())
         return h.hexdigest()
 
     def _combine(self) -> str:
-        h = hashlib.sha256(_config_bytes(self.directory))
+        h = hashlib.sha256(self.config_bytes)
         for path in sorted(self.files, key=os.path.basename):
             h.update(os.path.basename(path).encode() + b"\0" + self._digests[path].encode())
         return h.hexdigest()
 
 
-def _config_bytes(directory: str) -> bytes:
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def config_bytes(directory: str) -> bytes:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         return b""
@@ -268,19 +320,6 @@ def _config_bytes(directory: str) -> bytes:
 def identity(directory: str, files: list[str], memo: DigestMemo) -> str:
     """The content identity of a checkpoint, computed now (memoized per unchanged shard)."""
     return SourceIdentity(directory, files, memo).value()
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write a file under a temporary name beside it, then rename it into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def refuse_quantized_config(config) -> None:
@@ -306,84 +345,15 @@ def refuse_quantized_tensors(dtypes: dict[str, str]) -> None:
             "needs full-precision weights")
 
 
-_TMP, _OLD = ".tmp-", ".old-"
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str, overwrite: bool = False):
-    """Yield a temporary directory beside `target`; on success rename it to `target`, on error remove it.
-
-    A process killed midway leaves only a `.<name>.tmp-<pid>-*` directory, never a half-written `target`; the next
-    atomic write of the same target removes such leftovers of processes that are no longer running.
-    """
-    parent = os.path.dirname(os.path.abspath(target)) or "."
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_temporaries(parent, os.path.basename(target))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}{_TMP}{os.getpid()}-", dir=parent)
-    os.chmod(tmp, default_dir_mode())  # mkdtemp's 0700 would otherwise become the output's mode
-    try:
-        yield tmp
-        if os.path.exists(target):
-            if not overwrite:
-                raise QMiLoRAError(f"{target} already exists")
-            old = tempfile.mktemp(prefix=f".{os.path.basename(target)}{_OLD}{os.getpid()}-", dir=parent)
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def default_dir_mode() -> int:
-    """The mode a plain mkdir gives under the user's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o777 & ~umask
-
-
-def remove_stale_temporaries(parent: str, name: str | None = None) -> list[str]:
-    """Remove `.<name>.tmp-<pid>-*` / `.<name>.old-<pid>-*` entries in `parent` whose process has ended (a killed
-    run's half-written output: up to a whole merged model). Returns what was removed."""
-    removed = []
-    try:
-        entries = os.listdir(parent)
-    except OSError:
-        return removed
-    for entry in entries:
-        if not entry.startswith("."):
-            continue
-        for mark in (_TMP, _OLD):
-            stem, found, rest = entry[1:].partition(mark)
-            pid = rest.split("-", 1)[0]
-            if found and pid.isdigit() and (name is None or stem == name) and not _alive(int(pid)):
-                path = os.path.join(parent, entry)
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-                removed.append(entry)
-                break
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def fresh_output(path: str, overwrite: bool, flag: str = "--overwrite") -> None:
-    """Refuse to write `path` where that would replace or delete what is there, unless `overwrite`."""
-    if os.path.exists(path) and not os.path.isdir(path):
+    """Refuse to write `path` where that would replace or delete what is there: a non-empty folder needs `overwrite`
+    and must hold only what qmilora wrote there."""
+    if os.path.lexists(path) and not os.path.isdir(path):
         raise QMiLoRAError(f"output {path} is a file, not a directory")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise QMiLoRAError(f"output {path} exists and is not empty; pass {flag} to replace it")
+    if os.path.isdir(path) and os.listdir(path):
+        if not overwrite:
+            raise QMiLoRAError(f"output {path} exists and is not empty; pass {flag} to replace it")
+        files.check_replaceable(path, flag)
     check_writable(os.path.dirname(os.path.abspath(path)) or ".")
 
 

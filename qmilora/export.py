@@ -19,6 +19,7 @@ r"""Take a trained QMiLoRA model away where QMiLoRA is not installed. Two differ
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -29,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from . import cards, checkpoint, fidelity, quantize
+from . import cards, checkpoint, fidelity, files, quantize
 from .config import QMiLoRAError
 from .runfolder import ADAPTER_CONFIG, ADAPTER_FILE, INITIAL, RunFolder
 
@@ -44,17 +45,21 @@ def _source(adapter_dir: str, model: str | None) -> tuple[dict, str]:
     from .config import QMiLoRAConfig
     from .train import verified_source
 
+    from .train import config_of_run
+
     meta = RunFolder(adapter_dir).read_complete()
-    directory = verified_source(meta, model, QMiLoRAConfig(**meta["qmilora"]).resolved_cache_dir)
+    directory = verified_source(meta, model, config_of_run(meta).resolved_cache_dir)
     return meta, directory
 
 
 def _check_output(output: str, overwrite: bool, adapter_dir: str, model: str | None) -> None:
+    """Before any work: the output may replace only an earlier export (with --overwrite), and may not be, contain or
+    lie inside the run, the original checkpoint or the cache."""
+    from .config import default_cache_dir
+
+    files.check_disjoint(output, {"the run directory": adapter_dir, "the original checkpoint": model,
+                                  "the qmilora cache": default_cache_dir()})
     checkpoint.fresh_output(output, overwrite)
-    target = os.path.realpath(output)
-    for what, path in (("the run directory", adapter_dir), ("the original checkpoint", model)):
-        if path and os.path.exists(path) and target == os.path.realpath(path):
-            raise QMiLoRAError(f"--output {output} is {what}; write the export elsewhere")
 
 
 def lora_delta(trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
@@ -360,8 +365,13 @@ def _factors(trained: dict, initial: dict) -> dict[str, tuple[tuple[torch.Tensor
     return out
 
 
+@contextlib.contextmanager
 def _output(output: str, overwrite: bool):
-    return checkpoint.atomic_dir(output, overwrite=True)  # fresh_output checked first that replacing is allowed
+    """A temporary that becomes `output`, with a record of its files (what a later --overwrite may replace);
+    `_check_output` checked first that replacing is allowed."""
+    with files.atomic_dir(output, overwrite=True) as tmp:
+        yield tmp
+        files.write_manifest(tmp, "qmilora-export")
 
 
 def _copy_tokenizer(src: str, dst: str) -> None:

@@ -190,6 +190,7 @@ def refuse_quantized_model(model: torch.nn.Module) -> None:
 
 def _prepare_checkpoint(source: str, cfg: QMiLoRAConfig) -> tuple[PeftModel, PrepareStats]:
     directory = checkpoint.resolve(source)
+    parsed = checkpoint.config_bytes(directory)  # the identity covers these bytes; it refuses if they change
     hf_config = AutoConfig.from_pretrained(directory)
     checkpoint.refuse_quantized_config(hf_config)
     files = checkpoint.shard_files(directory)
@@ -197,7 +198,7 @@ def _prepare_checkpoint(source: str, cfg: QMiLoRAConfig) -> tuple[PeftModel, Pre
     skel = skeleton(hf_config, cfg)  # targets and rank checked before anything slow
 
     root = cfg.resolved_cache_dir
-    source = checkpoint.SourceIdentity(directory, files, cache.memo(root))
+    source = checkpoint.SourceIdentity(directory, files, cache.memo(root), parsed)
     entry_for = lambda identity: cache.Entry(root, cache.key(identity, recipe_of(cfg)))  # noqa: E731
     if cfg.prepared_cache:
         # A full hash is waited for only when an entry from a checkpoint with the same headers exists; otherwise no

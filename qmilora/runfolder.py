@@ -1,30 +1,39 @@
 """A qmilora-train output directory: the one owner of its layout and of qmilora.json's schema.
 
-    qmilora.json                                     schema 2: state (preparing → training → complete), the source
+    qmilora.json                                     schema 3: state (preparing → training → complete), the source
                                                      (path, content identity), the recipe (every field that changes
-                                                     the prepared model), all configs, the summary, versions, files
+                                                     the prepared model), the resume recipe (training, data and
+                                                     tokenizer), all configs, the summary, versions, and `files`:
+                                                     every file the run wrote, with size and sha256
     adapter_config.json, adapter_model.safetensors   the trained adapter (PEFT format)
     initial_adapter/                                 the minor factors at init (export needs them)
     tokenizer files, loss.png, README.md             (README.md is PEFT's model card)
-    checkpoint-N/                                    Trainer's checkpoints; one counts once it holds `.complete`
+    checkpoint-N/                                    Trainer's checkpoints; `.started` is written before Trainer
+                                                     writes one, `.complete` (its files' sizes and digests) once
+                                                     Trainer has written all of it; only complete ones resume
+    .qmilora.lock                                    held by the training process (pid, host)
 
 A run writes only into a new or empty directory, or into a folder of its own earlier run: resuming checks that the
-source and recipe are the ones recorded; a new run over earlier results needs `overwrite`, and then removes only
-what the earlier run wrote. Every file lands under a temporary name first.
+source and the whole recipe are the ones recorded; a new run over earlier results needs `overwrite`, and then removes
+only the files the earlier run recorded, each still holding its recorded bytes. Anything else in the folder that
+would be removed or overwritten (a file a user put into a checkpoint, a checkpoint-N that no qmilora run wrote, a
+symlink) stops the run in one line before anything is removed. Every file lands under a temporary name first.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-import tempfile
+import socket
 
-from . import checkpoint
+from . import checkpoint, files
 from .config import QMiLoRAError
 
-SCHEMA = 2
-META, INITIAL, COMPLETE = "qmilora.json", "initial_adapter", ".complete"
+SCHEMA = 3
+READABLE = (2, 3)  # a schema-2 run (no digests) can be read and exported, not replaced
+META, INITIAL, COMPLETE, STARTED, LOCK = "qmilora.json", "initial_adapter", ".complete", ".started", ".qmilora.lock"
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 RESIDUAL = "residual_adapter"  # the adapter as trained, for the NF4 residual base (the top-level one: original base)
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
@@ -56,7 +65,7 @@ class RunFolder:
         meta = self.meta()
         if meta is None:
             raise QMiLoRAError(f"{self.path} has no {META}: it is not a qmilora-train output directory")
-        if meta.get("schema") != SCHEMA:
+        if meta.get("schema") not in READABLE:
             raise QMiLoRAError(f"{self.path} was written by another qmilora version (run record schema "
                                f"{meta.get('schema', 1)}, this one reads {SCHEMA}); train it again")
         if meta.get("state") != "complete":
@@ -78,9 +87,18 @@ class RunFolder:
             return []
         return [n for n in os.listdir(self.path) if _CHECKPOINT.match(n)]
 
+    def checkpoint_record(self, name: str) -> dict | None:
+        """The files a complete checkpoint holds ({relative path: [size, sha256]}), or None if it is not one."""
+        try:
+            with open(os.path.join(self.path, name, COMPLETE)) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and record else None
+
     def last_complete_checkpoint(self) -> str | None:
         """The newest checkpoint-N written to the end (a run killed mid-save leaves one without the marker)."""
-        done = [n for n in self.checkpoints() if os.path.isfile(os.path.join(self.path, n, COMPLETE))]
+        done = [n for n in self.checkpoints() if self.checkpoint_record(n) is not None]
         return os.path.join(self.path, max(done, key=lambda n: int(_CHECKPOINT.match(n)[1]))) if done else None
 
     def resolve_resume(self, value: str | None) -> str | None:
@@ -91,65 +109,174 @@ class RunFolder:
             if found is None:
                 raise QMiLoRAError(f"--resume_from_checkpoint {value}: no complete checkpoint in {self.path}")
             return found
-        if not os.path.isfile(os.path.join(value, COMPLETE)):
+        name = os.path.basename(os.path.normpath(value))
+        if not _CHECKPOINT.match(name) or RunFolder(os.path.dirname(os.path.normpath(value))).checkpoint_record(name) is None:
             raise QMiLoRAError(f"--resume_from_checkpoint {value}: not a complete qmilora checkpoint directory")
-        if os.path.abspath(os.path.dirname(os.path.normpath(value))) != os.path.abspath(self.path):
+        if os.path.realpath(os.path.dirname(os.path.normpath(value))) != os.path.realpath(self.path):
             raise QMiLoRAError(f"--resume_from_checkpoint {value}: the checkpoint is not in --output_dir {self.path}")
-        return value
+        return os.path.join(self.path, name)
+
+    # --- what this folder holds of qmilora's ---------------------------------------------------------------------
+    def _recorded(self) -> dict[str, list]:
+        """Every file the record and the checkpoint markers list, by path relative to the folder."""
+        meta = self.meta() or {}
+        written = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+        recorded = {rel: rec for rel, rec in written.items() if _plain_relative(rel)}
+        for name in self.checkpoints():
+            for rel, rec in (self.checkpoint_record(name) or {}).items():
+                if _plain_relative(rel):
+                    recorded[os.path.join(name, rel)] = rec
+        return recorded
+
+    def _unowned(self) -> list[str]:
+        """What a new run here would have to remove or let Trainer overwrite, but that qmilora did not write: files
+        in the run's own folders that are unrecorded or changed, checkpoint-N folders no qmilora run wrote, links."""
+        recorded = self._recorded()
+        found = []
+        for name in sorted(os.listdir(self.path)):
+            path = os.path.join(self.path, name)
+            if os.path.islink(path):
+                found.append(name)
+            elif name in recorded and not files.matches(path, recorded[name]):
+                found.append(name)  # a final file changed since: the next run's final files would replace it
+            elif name == INITIAL or _CHECKPOINT.match(name):
+                if not os.path.isdir(path):
+                    found.append(name)
+                    continue
+                complete = name == INITIAL or self.checkpoint_record(name) is not None
+                if not complete and not os.path.isfile(os.path.join(path, STARTED)):
+                    found.append(name + os.sep)  # a checkpoint-N that no qmilora run started
+                    continue
+                ours = {rel.split(os.sep, 1)[1]: rec for rel, rec in recorded.items() if rel.startswith(name + os.sep)}
+                skip = (COMPLETE, STARTED) if complete else None
+                if complete:
+                    found += [os.path.join(name, rel) for rel in files.foreign(path, ours, skip=skip)]
+                else:  # a save a killed run left half-written: every file in it is Trainer's, but no link
+                    found += [os.path.join(name, rel) for rel in _links(path)]
+        return found
 
     # --- writing -------------------------------------------------------------------------------------------------
     def claim(self, *, resume: bool, overwrite: bool) -> None:
         """Check, before any preparation, that this run may write here; refuse with one line otherwise."""
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
+        if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise QMiLoRAError(f"--output_dir {self.path} is a file, not a directory")
         checkpoint.check_writable(self.path)
         if not os.path.isdir(self.path):
             return
-        checkpoint.remove_stale_temporaries(self.path)
-        entries = [n for n in os.listdir(self.path)]
+        files.remove_stale_temporaries(self.path)
+        entries = [n for n in os.listdir(self.path) if n != LOCK]
         if not entries:
             return
         meta = self.meta()
         if meta is None:
             raise QMiLoRAError(f"--output_dir {self.path} is not empty and holds no qmilora run; qmilora never "
                                "writes over files it did not create: choose a new or empty directory")
+        links = _links(self.path)
+        if links:
+            raise QMiLoRAError(f"--output_dir {self.path} holds a symlink ({links[0]}); qmilora neither follows nor "
+                               "removes links in a run folder: replace it with what it points to, or remove it")
+        if meta.get("schema") != SCHEMA and not resume:
+            raise QMiLoRAError(f"--output_dir {self.path} holds a run of an earlier qmilora version, which did not "
+                               "record its files' digests; move it away or choose another --output_dir")
+        unowned = self._unowned()
+        if unowned:
+            raise QMiLoRAError(f"--output_dir {self.path} holds {', '.join(unowned[:3])}, which no qmilora run wrote "
+                               "(or which changed since); Trainer would overwrite or delete it: move it out first")
         if resume:
             return
         if (self.checkpoints() or meta.get("state") == "complete") and not overwrite:
             raise QMiLoRAError(f"--output_dir {self.path} holds an earlier run's results; resume it with "
                                "--resume_from_checkpoint true, or pass --overwrite_output_dir to replace them")
 
-    def check_resume(self, checkpoint_dir: str, source_identity: str, recipe: dict) -> None:
-        """A checkpoint continues only the run it belongs to: same source content, same decomposition."""
+    @contextlib.contextmanager
+    def lock(self, enabled: bool = True):
+        """Hold the folder for one training process: a second `qmilora-train` into it is refused in one line. A lock
+        whose process has ended on this host is taken over; the folder is removed again if this made it and left
+        it empty."""
+        if not enabled:
+            yield
+            return
+        if os.path.lexists(self.path) and not os.path.isdir(self.path):
+            raise QMiLoRAError(f"--output_dir {self.path} is a file, not a directory")
+        checkpoint.check_writable(self.path)
+        made = not os.path.isdir(self.path)
+        os.makedirs(self.path, exist_ok=True)
+        path = os.path.join(self.path, LOCK)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                with files.open_new(path, 0o644) as f:
+                    f.write(json.dumps(me).encode())
+                break
+            except FileExistsError:
+                holder = _read_json(path)
+                if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
+                        and not files._alive(holder["pid"]):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)  # the process that held it has ended
+                    continue
+                raise QMiLoRAError(f"--output_dir {self.path} is in use by another qmilora-train (pid "
+                                   f"{holder.get('pid')} on {holder.get('host')}); wait for it, or choose another "
+                                   f"--output_dir (a crashed run's lock from another host: remove {path})") from None
+        else:
+            raise QMiLoRAError(f"could not lock {self.path}; choose another --output_dir")
+        try:
+            yield
+        finally:
+            if _read_json(path) == me:
+                os.remove(path)
+            if made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.path)  # only if empty: nothing was written
+
+    def check_resume(self, checkpoint_dir: str, source_identity: str, recipe: dict, resume_recipe: dict) -> dict:
+        """A checkpoint continues only the run it belongs to: same source content, same decomposition, same training
+        recipe, data and tokenizer. The one change allowed is training longer (a larger --max_steps or
+        --num_train_epochs); it is returned as {field: [was, now]} for the run's history."""
         meta = self.meta() or {}
-        if meta.get("schema") != SCHEMA or "recipe" not in meta:
+        if meta.get("schema") != SCHEMA or "recipe" not in meta or "resume_recipe" not in meta:
             raise QMiLoRAError(f"cannot resume from {checkpoint_dir}: {self.path} has no run record of this qmilora "
                                "version")
         if meta["source"].get("identity") != source_identity:
             raise QMiLoRAError(f"cannot resume from {checkpoint_dir}: it was trained on another model "
                                f"({meta['source'].get('path')}); pass that --model, or start a new run")
-        changed = sorted(k for k in set(recipe) | set(meta["recipe"]) if recipe.get(k) != meta["recipe"].get(k))
+        was, now = {**meta["recipe"], **meta["resume_recipe"]}, _plain({**recipe, **resume_recipe})
+        changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+        longer = {k: [was[k], now[k]] for k in changed if k in _LONGER and _longer(k, was, now)}
+        changed = [k for k in changed if k not in longer]
         if changed:
-            was = ", ".join(f"{k}={meta['recipe'].get(k)!r}" for k in changed)
-            now = ", ".join(f"{k}={recipe.get(k)!r}" for k in changed)
-            raise QMiLoRAError(f"cannot resume from {checkpoint_dir}: it was trained with {was}; this run has {now}")
+            diff = "; ".join(f"{k}: {_short(was.get(k))} -> {_short(now.get(k))}" for k in changed[:6])
+            more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+            raise QMiLoRAError(f"cannot resume from {checkpoint_dir}: a resume continues the recorded recipe, and "
+                               f"this run changes {diff}{more}; drop those flags (only training longer is allowed), "
+                               "or start a new run")
+        return longer
 
     def begin(self, meta: dict, *, resume: bool) -> None:
-        """Record the run as started; a new run first removes what an earlier run wrote here (claim allowed it)."""
+        """Record the run as started; a new run first removes what an earlier run wrote here (claim checked that
+        everything it would remove is qmilora's)."""
         os.makedirs(self.path, exist_ok=True)
+        old = self.meta() or {}
         if not resume:
-            old = self.meta() or {}
-            for name in set(old.get("files", [])) | set(self.checkpoints()) | {INITIAL}:
-                if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
-                    continue  # the record names entries of this folder only; anything else is not ours to remove
-                path = os.path.join(self.path, name)
-                shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
+            for name in self.checkpoints():
+                if self.checkpoint_record(name) is None and os.path.isfile(os.path.join(self.path, name, STARTED)):
+                    _remove_tree_files(os.path.join(self.path, name))  # a half-written save of a killed run
+            recorded = self._recorded()
+            files.remove_recorded(self.path, recorded)
+            for name in self.checkpoints():  # their markers, once the files they list are gone
+                for marker in (COMPLETE, STARTED):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(self.path, name, marker))
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(self.path, name))
         # a resumed run keeps the record of the files an earlier completion wrote: its own to replace
-        kept = {"files": (self.meta() or {}).get("files", [])} if resume else {}
+        kept = {"files": old.get("files", {}), "history": old.get("history", [])} if resume else {"history": []}
+        event = {"resumed_from": meta.get("resumed_from"), **({"longer": meta["longer"]} if meta.get("longer") else {})}
+        kept["history"] = kept["history"] + [event if resume else {"started": True}]
         self.write_meta({**meta, **kept, "schema": SCHEMA, "state": "training" if resume else "preparing"})
 
     def write_meta(self, meta: dict) -> None:
-        checkpoint.write_atomic(self.meta_path, json.dumps(meta, indent=2, default=str).encode())
+        files.write_atomic(self.meta_path, json.dumps(meta, indent=2, default=str).encode())
 
     def update(self, **fields) -> dict:
         meta = {**(self.meta() or {}), **fields}
@@ -160,24 +287,41 @@ class RunFolder:
         """The minor factors at init, from this run's preparation (kept on resume: the recipe was verified equal)."""
         if os.path.isdir(self.initial):
             return
-        with checkpoint.atomic_dir(self.initial) as tmp:
+        with files.atomic_dir(self.initial) as tmp:
             model.save_pretrained(tmp)
+            written = {os.path.join(INITIAL, rel): rec for rel, rec in files.manifest(tmp, skip=(files.MARKER,)).items()}
+        meta = self.meta() or {}
+        self.write_meta({**meta, "files": {**(meta.get("files") or {}), **written}})
+
+    def start_checkpoint(self, step: int) -> None:
+        """Mark checkpoint-N as this run's before Trainer writes into it, so that a save cut short is known as ours."""
+        path = os.path.join(self.path, f"checkpoint-{step}")
+        os.makedirs(path, exist_ok=True)
+        if not os.path.exists(os.path.join(path, STARTED)):
+            files.write_atomic(os.path.join(path, STARTED), json.dumps({"pid": os.getpid()}).encode())
 
     def mark_complete_checkpoint(self, step: int) -> None:
+        """Record a checkpoint Trainer has written in full: its files, sizes and digests (what a later run may
+        remove, and what makes it resumable); its files get the user's normal permissions."""
         path = os.path.join(self.path, f"checkpoint-{step}")
         if os.path.isdir(path):
-            open(os.path.join(path, COMPLETE), "w").close()
+            files.set_modes(path)
+            record = files.manifest(path, skip=(COMPLETE, STARTED))
+            files.write_atomic(os.path.join(path, COMPLETE), json.dumps(record, indent=1).encode())
 
     def finish(self, write_files, meta: dict) -> None:
         """`write_files(tmp)` writes the final files; they replace this run's earlier ones; qmilora.json goes last,
         marking the run complete only once the adapter beside it is final."""
-        checkpoint.remove_stale_temporaries(self.path)
-        ours = set((self.meta() or {}).get("files") or [])  # what an earlier, completed run of this folder wrote
-        tmp = tempfile.mkdtemp(dir=self.path, prefix=f".final{checkpoint._TMP}{os.getpid()}-")
+        files.remove_stale_temporaries(self.path)
+        recorded = (self.meta() or {}).get("files") or {}
+        tmp = files.make_temporary(self.path, "final")
         try:
             write_files(tmp)
+            os.remove(os.path.join(tmp, files.MARKER))
+            files.set_modes(tmp)
+            written = files.manifest(tmp)
             names = sorted(os.listdir(tmp))
-            foreign = [n for n in names if n not in ours and os.path.lexists(os.path.join(self.path, n))]
+            foreign = [n for n in names if os.path.lexists(os.path.join(self.path, n)) and _not_ours(self.path, n, recorded)]
             if foreign:  # someone put these here while the run trained: never replace them
                 kept = os.path.join(self.path, f"final-outputs-{os.getpid()}")
                 os.rename(tmp, kept)
@@ -187,9 +331,77 @@ class RunFolder:
                                    "--resume_from_checkpoint true)")
             for name in names:
                 dest = os.path.join(self.path, name)
-                if os.path.isdir(dest):
-                    shutil.rmtree(dest)
+                if os.path.isdir(dest) and not os.path.islink(dest):
+                    files.remove_recorded(self.path, {r: v for r, v in recorded.items() if r.startswith(name + os.sep)})
                 os.replace(os.path.join(tmp, name), dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.write_meta({**meta, "schema": SCHEMA, "state": "complete", "files": names + [INITIAL]})
+        initial = {r: v for r, v in recorded.items() if r.startswith(INITIAL + os.sep)}
+        self.write_meta({**meta, "history": (self.meta() or {}).get("history", []), "schema": SCHEMA,
+                         "state": "complete", "files": {**initial, **written}})
+
+
+_LONGER = ("training.max_steps", "training.num_train_epochs")
+
+
+def _longer(key: str, was: dict, now: dict) -> bool:
+    """Whether `now` trains longer than `was` in `key` and nothing else decides the length against it."""
+    old, new = was.get(key), now.get(key)
+    if not isinstance(old, (int, float)) or not isinstance(new, (int, float)) or new <= old:
+        return False
+    if key == "training.max_steps":
+        return old > 0  # from an epoch-based run (-1) the step count is no extension of anything
+    return was.get("training.max_steps", -1) <= 0 and now.get("training.max_steps", -1) <= 0
+
+
+def _not_ours(folder: str, name: str, recorded: dict) -> bool:
+    path = os.path.join(folder, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+        ours = {r.split(os.sep, 1)[1]: v for r, v in recorded.items() if r.startswith(name + os.sep)}
+        return bool(files.foreign(path, ours))
+    return name not in recorded or not files.matches(path, recorded[name])
+
+
+def _links(folder: str) -> list[str]:
+    found = []
+    for base, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            if os.path.islink(os.path.join(base, name)):
+                found.append(os.path.relpath(os.path.join(base, name), folder))
+    return sorted(found)
+
+
+def _remove_tree_files(folder: str) -> None:
+    """The regular files and then the empty folders of a half-written checkpoint (claim refused any link in it)."""
+    for base, dirs, names in os.walk(folder, topdown=False):
+        for name in names:
+            path = os.path.join(base, name)
+            if not os.path.islink(path):
+                os.remove(path)
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(base, name))
+
+
+def _plain_relative(rel) -> bool:
+    """A record names entries of this folder only; anything else is not ours to remove."""
+    return isinstance(rel, str) and rel != "" and not os.path.isabs(rel) and ".." not in rel.split(os.sep)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _plain(value):
+    """`value` as it reads back from qmilora.json (tuples become lists, other objects their text)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -4,7 +4,7 @@ layout and record belong to `runfolder`.
 from __future__ import annotations
 
 import contextlib
-
+import json
 import logging
 import os
 import time
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from . import cache, checkpoint, cpu, loss as lm_loss
+from . import cache, checkpoint, cpu, files as qfiles, loss as lm_loss
 from .config import QMiLoRAConfig, QMiLoRAError
 from .data import DataConfig, build_dataset, show_example
 from .runfolder import ADAPTER_FILE, RESIDUAL, RunFolder
@@ -63,6 +63,11 @@ class _Progress(TrainerCallback):
         if logs is not None and state.num_input_tokens_seen:
             elapsed = time.perf_counter() - self.start
             logs["tokens_per_second"] = round((state.num_input_tokens_seen - self.tokens_at_start) / max(elapsed, 1e-9), 1)
+
+    def on_step_end(self, args, state, control, **kw):
+        # DefaultFlowCallback (first in the list) has decided by now whether Trainer saves after this step
+        if control.should_save and state.is_world_process_zero:
+            self.folder.start_checkpoint(state.global_step)
 
     def on_save(self, args, state, control, **kw):
         if args.world_size > 1:  # Trainer does not wait: each process must have written its part (RNG state)
@@ -128,7 +133,30 @@ def _use_chunked_loss(run: RunConfig, args: TrainingArguments, model, collator, 
 
 
 def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingArguments):
-    """Prepare, train, and write the outputs; returns (trained PeftModel, run summary).
+    """Prepare, train, and write the outputs; returns (trained PeftModel, run summary). The main process holds the
+    output folder's lock throughout: a second training into it is refused."""
+    _check_schedule(args)
+    folder = RunFolder(args.output_dir)
+    with folder.lock(enabled=args.process_index == 0):
+        return _train(folder, run, qcfg, dcfg, args)
+
+
+def _check_schedule(args: TrainingArguments) -> None:
+    """Schedules that would train nothing, or something other than asked, refused before anything starts."""
+    if args.max_steps == 0:
+        raise QMiLoRAError("--max_steps 0 trains nothing; give a positive number of steps (or -1 to train "
+                           "--num_train_epochs epochs)")
+    if args.max_steps < 0 and args.num_train_epochs <= 0:
+        raise QMiLoRAError(f"--num_train_epochs {args.num_train_epochs} trains nothing; give a positive number of "
+                           "epochs or --max_steps")
+    if args.gradient_accumulation_steps < 1:
+        raise QMiLoRAError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must be at least 1")
+    if args.per_device_train_batch_size < 1:
+        raise QMiLoRAError(f"--per_device_train_batch_size {args.per_device_train_batch_size} must be at least 1")
+
+
+def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingArguments):
+    """`train` inside the folder's lock.
 
     Under torchrun / `accelerate launch` (data parallel): the main process of each node prepares the model first and
     caches it, the other processes then load that cached preparation (identical bytes on every rank); only the
@@ -160,13 +188,17 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
         log.setLevel(logging.WARNING)
     if args.use_cpu and qcfg.device == "auto":
         qcfg.device = "cpu"
-    cpu.apply(cpu.resolve(qcfg.threads))  # for the whole run: preparation and training
+    threads, threads_reason = cpu.choose(qcfg.threads)
+    cpu.apply(threads)  # for the whole run: preparation and training
+    log.info("qmilora: %d CPU thread%s: %s", threads, "" if threads == 1 else "s", threads_reason)
     source = run.model if run.model not in (None, "demo") else demo_model_dir(qcfg.cache_dir)
     directory = checkpoint.resolve(source)
     files = checkpoint.shard_files(directory)
-    folder = RunFolder(args.output_dir)
     resume = folder.resolve_resume(args.resume_from_checkpoint)
     if main:
+        data_file = dcfg.data if dcfg.data and os.path.exists(os.path.expanduser(dcfg.data)) else None
+        qfiles.check_disjoint(args.output_dir, {"the model checkpoint": directory, "the data": data_file,
+                                                "the qmilora cache": qcfg.resolved_cache_dir}, "--output_dir")
         folder.claim(resume=resume is not None, overwrite=run.overwrite_output_dir)  # before any slow step
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -183,11 +215,17 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
         args.eval_strategy = "steps"
         args.eval_steps = args.eval_steps or args.logging_steps
     recipe = recipe_of(qcfg)
+    again = resume_recipe(run, dcfg, args, directory)
+    longer = {}
     if resume and main:
-        folder.check_resume(resume, checkpoint.identity(directory, files, cache.memo(qcfg.resolved_cache_dir)), recipe)
+        longer = folder.check_resume(resume, checkpoint.identity(directory, files, cache.memo(qcfg.resolved_cache_dir)),
+                                     recipe, again)
+        for key, (was, now) in longer.items():
+            log.warning("qmilora: training longer than recorded (%s %s -> %s); the learning-rate schedule now spans "
+                        "the new length from the step it resumes at", key.split(".")[1], was, now)
 
-    meta = {"source": {"model": run.model if run.model not in (None, "demo") else "demo:SmolLM2-135M-Instruct", "path": os.path.abspath(directory),
-                       "identity": None}, "recipe": recipe, "qmilora": qcfg.to_dict(), "data": asdict(dcfg),
+    meta = {"source": {"model": _model_name(run.model), "path": os.path.abspath(directory),
+                       "identity": None}, "recipe": recipe, "resume_recipe": again, "resumed_from": resume, "longer": longer, "qmilora": qcfg.to_dict(), "data": asdict(dcfg),
             "training": args.to_dict(), "versions": _versions()}
     if main:
         folder.begin(meta, resume=resume is not None)
@@ -220,6 +258,7 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
     supervised = int(trainer.accelerator.reduce(torch.tensor(trainer.supervised_tokens, device=args.device), "sum"))
     summary = {"steps": trainer.state.global_step, "tokens": tokens, "wall_seconds": round(wall, 2),
                "train_loss": result.training_loss, "resumed_from": resume, "processes": args.world_size,
+               "threads": threads, "threads_reason": threads_reason,
                # this session's supervised tokens over this session's time (a resumed run did the rest earlier):
                # prompt and padding tokens cost compute but are not what a run is sized by
                "supervised_tokens": supervised,
@@ -252,6 +291,51 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
     return model, summary
 
 
+# TrainingArguments that only change what is logged, saved or evaluated, or how fast: a resume may change them.
+# Every other field, and every data field, must be as recorded.
+_RESUMABLE = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_dir", "logging_steps",
+              "logging_strategy", "logging_first_step", "logging_nan_inf_filter", "report_to", "run_name", "project",
+              "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "disable_tqdm", "log_level",
+              "log_level_replica", "log_on_each_node", "save_steps", "save_strategy", "save_total_limit",
+              "save_on_each_node", "save_only_model", "eval_steps", "eval_strategy", "eval_delay", "eval_on_start",
+              "eval_accumulation_steps", "eval_do_concat_batches", "eval_use_gather_object", "per_device_eval_batch_size",
+              "batch_eval_metrics", "prediction_loss_only", "include_for_metrics", "do_eval", "do_predict", "do_train",
+              "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+              "dataloader_prefetch_factor", "dataloader_multiprocessing_context", "push_to_hub", "hub_model_id",
+              "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "skip_memory_metrics",
+              "local_rank", "ddp_timeout", "debug", "torch_empty_cache_steps", "enable_jit_checkpoint",
+              "activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing",
+              "gradient_checkpointing_kwargs", "torch_compile", "torch_compile_backend", "torch_compile_mode"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                    "chat_template.json", "spiece.model")
+
+
+def resume_recipe(run: RunConfig, dcfg: DataConfig, args: TrainingArguments, directory: str) -> dict:
+    """What a resume must continue unchanged besides the preparation recipe: the training schedule and optimizer,
+    the data (its settings and the content of a data file), and the tokenizer (its files' content)."""
+    training = {f"training.{k}": v for k, v in args.to_dict().items() if k not in _RESUMABLE}
+    data = {f"data.{k}": v for k, v in asdict(dcfg).items()}
+    path = os.path.expanduser(dcfg.data) if dcfg.data else None
+    if path and os.path.isfile(path):
+        data["data.sha256"] = checkpoint.file_digest(path)
+    elif not dcfg.data:
+        from .data import BUNDLED
+
+        data["data.sha256"] = checkpoint.file_digest(BUNDLED)
+    tokenizer = sorted((n, checkpoint.file_digest(os.path.join(directory, n))) for n in _TOKENIZER_FILES
+                       if os.path.isfile(os.path.join(directory, n)))
+    return json.loads(json.dumps({**training, **data, "tokenizer.sha256": tokenizer}, default=str))
+
+
+def _model_name(model: str | None) -> str:
+    """The source as another working directory can find it: a local folder's absolute path, else the Hub id."""
+    if model in (None, "demo"):
+        return "demo:SmolLM2-135M-Instruct"
+    path = os.path.expanduser(model)
+    return os.path.abspath(path) if os.path.isdir(path) else model
+
+
 def load_trained(output_dir: str, model: str | None = None, **overrides):
     """The trained model of a qmilora-train output dir: the prepared base (from the cache, or prepared again,
     deterministically, from the verified original checkpoint, or `model` when it moved) with the trained adapter
@@ -263,7 +347,7 @@ def load_trained(output_dir: str, model: str | None = None, **overrides):
 
     folder = RunFolder(output_dir)
     meta = folder.read_complete()
-    qcfg = QMiLoRAConfig(**{**meta["qmilora"], **overrides})
+    qcfg = config_of_run(meta, **overrides)
     directory = verified_source(meta, model, qcfg.resolved_cache_dir)
     model = prepare_model(directory, qcfg)
     report = set_peft_model_state_dict(model, load_file(os.path.join(folder.residual_adapter(), ADAPTER_FILE)))
@@ -272,6 +356,12 @@ def load_trained(output_dir: str, model: str | None = None, **overrides):
         raise QMiLoRAError(f"the adapter in {output_dir} does not fit the prepared model (e.g. "
                            f"{(report.unexpected_keys or missing)[0]})")
     return model
+
+
+def config_of_run(meta: dict, **overrides) -> QMiLoRAConfig:
+    """A run's recorded QMiLoRAConfig, except where its cache is: a run record never chooses the folder whose
+    contents get loaded (the current default, or what the caller passes)."""
+    return QMiLoRAConfig(**{**meta["qmilora"], "cache_dir": None, **overrides})
 
 
 def verified_source(meta: dict, model: str | None, cache_dir: str) -> str:

@@ -120,7 +120,7 @@ def argv(model, out, cache, *extra):
 
 
 def one_line_error(capsys, prog="qmilora-train"):
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith(prog)]
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith(f"{prog}: error")]
     assert len(err) == 1 and err[0].startswith(f"{prog}: error:"), err
     return err[0]
 
@@ -140,7 +140,7 @@ def test_run_folder_is_never_stale_and_never_overwrites_user_files(tiny_llm, tmp
     assert train_main(argv(other, out, cache, "--resume_from_checkpoint", "true")) == 1
     assert "trained on another model" in one_line_error(capsys)
     assert train_main(argv(tiny_llm, out, cache, "--rank", "2", "--resume_from_checkpoint", "true")) == 1
-    assert "trained with lora_alpha=4.0, rank=4; this run has lora_alpha=2.0, rank=2" in one_line_error(capsys)
+    assert "changes lora_alpha: 4.0 -> 2.0; rank: 4 -> 2" in one_line_error(capsys)
     # a new run over results needs --overwrite_output_dir; then nothing of the old run survives
     assert train_main(argv(other, out, cache, "--rank", "2")) == 1
     assert "earlier run's results" in one_line_error(capsys)
@@ -152,7 +152,7 @@ def test_run_folder_is_never_stale_and_never_overwrites_user_files(tiny_llm, tmp
     meta = json.load(open(out / "qmilora.json"))
     assert meta["recipe"]["rank"] == 2 and meta["source"]["path"] == os.path.abspath(other)
     lora = tmp_path / "lora"
-    assert export_main(["--adapter", str(out), "--to", "lora", "--output", str(lora)]) == 0
+    assert export_main(["--adapter", str(out), "--to", "original-lora", "--output", str(lora)]) == 0
     assert json.load(open(lora / "adapter_config.json"))["r"] == 4  # 2r of the new run
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -214,16 +214,26 @@ def test_inspect_never_deletes_an_existing_folder(tiny_ckpt, tmp_path, capsys):
         one_line_error(capsys, "qmilora-inspect")
 
 
-def test_leftovers_of_killed_writes_are_removed(tmp_path):
+def test_leftovers_of_killed_writes_are_removed_by_marker_not_by_name(tmp_path):
+    from qmilora import files
+
     dead = 2**22 + 12345  # above the default pid_max: no such process
-    stale = tmp_path / f".merged.tmp-{dead}-abc"
-    stale.mkdir()
-    (stale / "model.safetensors").write_bytes(b"x" * 10)
-    alive = tmp_path / f".merged.tmp-{os.getppid()}-abc"
-    alive.mkdir()
+    stale = files.make_temporary(str(tmp_path), "merged")
+    with open(os.path.join(stale, files.MARKER), "w") as f:
+        json.dump({"pid": dead, "host": __import__("socket").gethostname()}, f)
+    (tmp_path / "x").write_text("")
+    alive = files.make_temporary(str(tmp_path), "merged")  # this process's: still being written
+    # a user's files whose names look like old-style temporaries are not qmilora's
+    notes = tmp_path / ".notes.old-31999-12-31"
+    notes.write_text("keep")
+    lookalike = tmp_path / f".merged.tmp-{dead}-abc"
+    lookalike.mkdir()
+    (lookalike / "mine.txt").write_text("keep")
     with checkpoint.atomic_dir(str(tmp_path / "merged")) as tmp:
         open(os.path.join(tmp, "f"), "w").close()
-    assert not stale.exists() and alive.exists() and (tmp_path / "merged" / "f").exists()
+    assert not os.path.exists(stale) and os.path.exists(alive) and (tmp_path / "merged" / "f").exists()
+    assert notes.read_text() == "keep" and (lookalike / "mine.txt").read_text() == "keep"
+    assert not (tmp_path / "merged" / files.MARKER).exists()
 
 
 def test_outputs_get_the_users_normal_permissions(tmp_path):
@@ -244,9 +254,11 @@ def test_a_tampered_run_record_cannot_delete_outside_the_folder(tmp_path):
     outside.write_text("keep")
     run = tmp_path / "run"
     run.mkdir()
-    (run / "qmilora.json").write_text(json.dumps({"schema": 2, "state": "complete",
-                                                  "files": ["../precious.txt", str(outside), "loss.png"]}))
     (run / "loss.png").write_text("old plot")
+    record = [len("keep"), checkpoint.file_digest(str(outside))]
+    (run / "qmilora.json").write_text(json.dumps({"schema": 3, "state": "complete", "files": {
+        "../precious.txt": record, str(outside): record,
+        "loss.png": [len("old plot"), checkpoint.file_digest(str(run / "loss.png"))]}}))
     folder = RunFolder(str(run))
     folder.claim(resume=False, overwrite=True)
     folder.begin({"source": {}}, resume=False)

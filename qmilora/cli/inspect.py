@@ -84,16 +84,21 @@ def plot(report: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     def body():
-        from ..checkpoint import atomic_dir, fresh_output
+        from ..checkpoint import fresh_output
+        from ..files import atomic_dir, check_disjoint, write_manifest
 
         args, qcfg = parse_flags("qmilora-inspect", (InspectArgs, QMiLoRAConfig), sys.argv[1:] if argv is None else argv,
                                  __doc__)
-        fresh_output(args.output, args.overwrite)  # before the slow part
+        # before the slow part: never the model or the cache, and over an earlier report only
+        check_disjoint(args.output, {"the model checkpoint": args.model and os.path.expanduser(args.model),
+                                     "the qmilora cache": qcfg.resolved_cache_dir})
+        fresh_output(args.output, args.overwrite)
         report = inspect_checkpoint(args, qcfg)
         with atomic_dir(args.output, overwrite=True) as tmp:
             with open(os.path.join(tmp, "report.json"), "w") as f:
                 json.dump(report, f, indent=1)
             plot(report, os.path.join(tmp, "spectra.png"))
+            write_manifest(tmp, "qmilora-inspect")
         print(f"{'layer':<44} {'minor E':>9} {'QLoRA':>7} {'QMiLoRA':>8} {'QPiSSA':>7} {'err in minor':>12}")
         for row in report["weights"]:
             print(f"{row['layer']:<44} {row['minor_energy']:9.2e} {row['nf4_error_qlora']:7.4f} "

