@@ -76,9 +76,8 @@ def main() -> None:
 
 
 def thread_sweep(args) -> None:
-    """Seconds per weight for each thread setting; 'qmilora' is `cpu.solver_limits` at `cpu.resolve(None)`."""
-    from threadpoolctl import threadpool_limits
-
+    """Seconds per weight for each thread setting (every pool at 1, 2 or all cores: `cpu.pools`); 'qmilora' is
+    plain `minor_split`, which applies the thread policy itself (`cpu.solver_limits`)."""
     from qmilora import cpu
 
     cores = cpu.available_cores()
@@ -92,17 +91,17 @@ def thread_sweep(args) -> None:
                 minor_split(W[:64, :64], 8)
                 row = {"load": load, "shape": shape, "cores": cores}
                 for name, n in settings.items():
-                    with threadpool_limits(n):
-                        torch.set_num_threads(n)
+                    with cpu.pools(n):
                         row[f"threads_{name}_s"] = timed(lambda: minor_split(W, args.rank, solver="gram"),
                                                          torch.device("cpu"), args.repeat)[0]
-                torch.set_num_threads(cores)  # the libraries' own default: every pool at all cores
-                row["library_default_s"] = timed(lambda: minor_split(W, args.rank, solver="gram"),
-                                                 torch.device("cpu"), args.repeat)[0]
-                with cpu.solver_limits((out, inp), cpu.resolve(None)) as n:
-                    row["qmilora_default_threads"] = n
-                    row["qmilora_default_s"] = timed(lambda: minor_split(W, args.rank, solver="gram"),
+                with cpu.pools(cores):  # the libraries' own default: every pool at all cores
+                    row["library_default_s"] = timed(lambda: minor_split(W, args.rank, solver="gram"),
                                                      torch.device("cpu"), args.repeat)[0]
+                torch.set_num_threads(cores)  # what a caller's process has; minor_split limits the pools itself
+                with cpu.solver_limits((out, inp)) as n:
+                    row["qmilora_default_threads"] = n
+                row["qmilora_default_s"] = timed(lambda: minor_split(W, args.rank, solver="gram"),
+                                                 torch.device("cpu"), args.repeat)[0]
                 row["qmilora_vs_1_thread"] = row["qmilora_default_s"] / row["threads_1_s"]
                 rows.append(row)
                 print(table(rows[-1:], list(rows[-1])), flush=True)

@@ -10,11 +10,13 @@ against 0.83 s while another process used both cores (`benchmarks/decompose.py -
   Default: the cores not already busy when the command starts (runnable threads of other processes), at least 1;
   under torchrun / accelerate, the machine's cores shared out among the processes started on it.
 - inside the solver every pool is limited together: to 1 thread for weights under 2048 wide (too small to gain from
-  more), to `threads` above.
+  more), to `threads` above. `decompose.minor_split` applies this itself, so every caller of the public API gets it.
+- `choose` says why it chose what it did; qmilora-train logs it and records it in the run summary.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 
 import torch
@@ -31,20 +33,30 @@ def available_cores() -> int:
 
 def resolve(requested: int | None) -> int:
     """The thread count to use: `requested`, else $QMILORA_THREADS, else the cores not busy right now."""
+    return choose(requested)[0]
+
+
+def choose(requested: int | None) -> tuple[int, str]:
+    """(thread count, why): what `resolve` returns, with the reason in words for logs and the run record."""
     if requested is None and os.environ.get("QMILORA_THREADS"):
         try:
-            requested = int(os.environ["QMILORA_THREADS"])
+            value = int(os.environ["QMILORA_THREADS"])
         except ValueError:
             raise ValueError(f"QMILORA_THREADS must be a positive integer, got {os.environ['QMILORA_THREADS']!r}") from None
+        if value < 1:
+            raise ValueError(f"QMILORA_THREADS must be a positive integer, got {value}")
+        return value, "set by QMILORA_THREADS"
     if requested is not None:
         if requested < 1:
             raise ValueError(f"threads must be a positive integer, got {requested}")
-        return requested
+        return requested, "asked for (--threads)"
     cores = available_cores()
     siblings = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
     if siblings > 1:  # torchrun / accelerate started this many processes here; they are each other's load
-        return max(1, cores // siblings)
-    return max(1, min(cores, round(cores - busy_cores() + 0.25)))
+        return max(1, cores // siblings), f"{cores} cores shared by the {siblings} processes started on this machine"
+    busy = busy_cores()
+    return (max(1, min(cores, round(cores - busy + 0.25))),
+            f"{cores} cores minus {busy:g} kept busy by other processes at start")
 
 
 def busy_cores() -> float:
@@ -73,19 +85,37 @@ def apply(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+_SOLVER_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("qmilora_solver_threads", default=None)
+
+
 @contextlib.contextmanager
-def solver_limits(shape: tuple[int, int], threads: int):
-    """Every pool (torch's OpenMP, scipy's BLAS) at one common count while one weight is decomposed on the CPU."""
+def solver_limits(shape: tuple[int, int], threads: int | None = None):
+    """Every pool (torch's OpenMP, scipy's BLAS) at one common count while one weight is decomposed on the CPU:
+    1 under SOLVER_PARALLEL_MIN wide, else `threads` (default: `resolve(None)`). Inside `pools` or another
+    solver_limits (prepare_model sets the run's count around each weight) the outer choice stands."""
+    active = _SOLVER_THREADS.get()
+    if active is not None:
+        yield active
+        return
+    n = 1 if min(shape) < SOLVER_PARALLEL_MIN else (threads or resolve(None))
+    with pools(n):
+        yield n
+
+
+@contextlib.contextmanager
+def pools(n: int):
+    """Every pool at `n` threads for what runs inside, whatever the weights' shapes; the caller's counts after."""
     from threadpoolctl import threadpool_limits
 
-    n = threads if min(shape) >= SOLVER_PARALLEL_MIN else 1
     previous = torch.get_num_threads()
+    token = _SOLVER_THREADS.set(n)
     torch.set_num_threads(n)
     try:
         with threadpool_limits(n):
             yield n
     finally:
         torch.set_num_threads(previous)
+        _SOLVER_THREADS.reset(token)
 
 
 def slow_half_precision(dtype: torch.dtype) -> bool:

@@ -27,9 +27,12 @@ Solvers. Only the r smallest triplets are needed, and randomized SVD finds only 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
+
+from . import cpu
 
 
 class MinorSplit(NamedTuple):
@@ -53,11 +56,16 @@ SOLVERS = ("auto", "gram", "svd")
 _GRAM_MIN_RATIO = 1e-12
 
 
-def minor_split(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, solver: str = "auto") -> MinorSplit:
+def minor_split(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, solver: str = "auto",
+                threads: int | None = None) -> MinorSplit:
     """Split `weight` (out, in) into its principal residual and a rank-`rank` LoRA pair on the minor subspace.
 
     Results come back in the input's dtype when it is float32/float64, else in float32 (a bf16 residual would
     lose the identity W = W_res + s·B A). Cast at the caller's boundary.
+
+    On the CPU the solver runs under QMiLoRA's thread policy (`qmilora.cpu.solver_limits`): one thread for weights
+    under 2048 wide, else `threads` (default: the cores not busy right now). Two thread pools at full width on a
+    loaded machine cost 10-20x on small weights.
     """
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
@@ -69,19 +77,21 @@ def minor_split(weight: torch.Tensor, rank: int, scaling: float = 1.0, *, solver
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     out_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    minor = _minor_gram(weight, rank) if solver != "svd" else None
-    if minor is None and solver == "gram":
-        raise ValueError("the Gram matrix is too ill-conditioned for the gram solver; use solver='svd' or 'auto'")
-    if minor is None:
-        # ill-conditioned under "auto": an SVD in float64 keeps the smallest triplets accurate
-        minor = _minor_svd(weight.to(torch.float64 if solver == "auto" else out_dtype), rank)
-    U_m, S_m, V_m = minor  # (out, r), (r,), (in, r)
-    root = (S_m / scaling).sqrt()  # (r,)
-    lora_B = U_m * root  # (out, r)
-    lora_A = root[:, None] * V_m.T  # (r, in)
-    w = weight.to(lora_A.dtype)
-    residual = w - scaling * (lora_B @ lora_A)  # (out, in)
-    return MinorSplit(residual.to(out_dtype), lora_A.to(out_dtype), lora_B.to(out_dtype))
+    limits = cpu.solver_limits(tuple(weight.shape), threads) if weight.device.type == "cpu" else contextlib.nullcontext()
+    with limits:  # the residual's product too: at full width on a busy machine it costs as much as the solver
+        minor = _minor_gram(weight, rank) if solver != "svd" else None
+        if minor is None and solver == "gram":
+            raise ValueError("the Gram matrix is too ill-conditioned for the gram solver; use solver='svd' or 'auto'")
+        if minor is None:
+            # ill-conditioned under "auto": an SVD in float64 keeps the smallest triplets accurate
+            minor = _minor_svd(weight.to(torch.float64 if solver == "auto" else out_dtype), rank)
+        U_m, S_m, V_m = minor  # (out, r), (r,), (in, r)
+        root = (S_m / scaling).sqrt()  # (r,)
+        lora_B = U_m * root  # (out, r)
+        lora_A = root[:, None] * V_m.T  # (r, in)
+        w = weight.to(lora_A.dtype)
+        residual = w - scaling * (lora_B @ lora_A)  # (out, in)
+        return MinorSplit(residual.to(out_dtype), lora_A.to(out_dtype), lora_B.to(out_dtype))
 
 
 def _minor_svd(w: torch.Tensor, rank: int):

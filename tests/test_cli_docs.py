@@ -159,3 +159,52 @@ def test_documented_commands_run_as_written_on_tiny_inputs(tiny_llm, tmp_path, m
     assert (tmp_path / "out-lora" / "adapter_config.json").exists() and (tmp_path / "report").is_dir()
     assert json.load(open(tmp_path / "out-cpu2" / "qmilora.json"))["summary"]["processes"] == 2
     assert json.load(open(tmp_path / "out-recipe" / "qmilora.json"))["data"]["data"] == "examples/chat.jsonl"
+
+
+def test_thread_choice_says_why(monkeypatch):
+    monkeypatch.delenv("QMILORA_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cpu, "available_cores", lambda: 4)
+    monkeypatch.setattr(cpu, "busy_cores", lambda: 3.0)
+    assert cpu.choose(None) == (1, "4 cores minus 3 kept busy by other processes at start")
+    assert cpu.choose(2) == (2, "asked for (--threads)")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpu.choose(None) == (2, "4 cores shared by the 2 processes started on this machine")
+    monkeypatch.setenv("QMILORA_THREADS", "3")
+    assert cpu.choose(None) == (3, "set by QMILORA_THREADS")
+    monkeypatch.setenv("QMILORA_THREADS", "0")
+    with pytest.raises(ValueError, match="QMILORA_THREADS"):
+        cpu.choose(None)
+
+
+def test_minor_split_applies_the_thread_policy(monkeypatch):
+    """The public minor_split limits both pools itself (one thread for a small weight), and restores the caller's."""
+    from threadpoolctl import threadpool_info
+
+    from qmilora import decompose
+
+    seen = []
+    real = decompose._minor_gram
+
+    def spy(weight, rank):
+        seen.append((torch.get_num_threads(), {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}))
+        return real(weight, rank)
+
+    monkeypatch.setattr(decompose, "_minor_gram", spy)
+    torch.set_num_threads(2)
+    decompose.minor_split(torch.randn(96, 64), 4)
+    assert seen == [(1, {1})] and torch.get_num_threads() == 2
+    monkeypatch.setattr(cpu, "SOLVER_PARALLEL_MIN", 32)  # a "large" weight: the chosen count
+    decompose.minor_split(torch.randn(96, 64), 4, threads=2)
+    assert seen[-1][0] == 2
+
+
+def test_training_records_the_thread_choice(tiny_llm, tmp_path, capsys):
+    from qmilora.cli.train import main
+
+    out = tmp_path / "out"
+    assert main(["--model", tiny_llm, "--output_dir", str(out), "--rank", "4", "--max_steps", "1", "--threads", "1",
+                 "--save_strategy", "no", "--disable_tqdm", "true", "--cache_dir", str(tmp_path / "c")]) == 0
+    summary = json.load(open(out / "qmilora.json"))["summary"]
+    assert (summary["threads"], summary["threads_reason"]) == (1, "asked for (--threads)")
+    assert "threads 1, threads_reason asked for (--threads)" in capsys.readouterr().out
