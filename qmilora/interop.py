@@ -23,6 +23,7 @@ import contextlib
 import functools
 import re
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,6 +38,11 @@ from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
 from . import quantize
 from .config import QMiLoRAError
+
+# PEFT 0.21 reads `model.is_gradient_checkpointing` whenever it builds a PeftModel, and transformers 5 deprecates that
+# property for `is_activation_checkpointing` (same value) with a FutureWarning: printed by every command that loads a
+# model, and nothing a user can act on. Only that message is silenced.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 METHOD = "qmilora"
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-from . import cache, checkpoint, cpu, files as qfiles, loss as lm_loss
+from . import cache, checkpoint, console, cpu, files as qfiles, loss as lm_loss
 from .config import QMiLoRAConfig, QMiLoRAError
 from .data import DataConfig, build_dataset, show_example
 from .runfolder import ADAPTER_FILE, RESIDUAL, RunFolder
@@ -45,11 +45,14 @@ def training_defaults() -> dict:
                 use_cpu=not cuda,
                 per_device_train_batch_size=4, gradient_accumulation_steps=1, num_train_epochs=1, logging_steps=5,
                 save_strategy="steps", save_steps=200, save_total_limit=2, report_to="none", eval_strategy="no",
-                include_num_input_tokens_seen=True, remove_unused_columns=False)
+                include_num_input_tokens_seen=True, remove_unused_columns=False,
+                # every trainable tensor (the adapters) takes part in each forward: DDP need not search for unused
+                # ones (PEFT models are not PreTrainedModels, so Trainer would ask it to, and torch warns each run)
+                ddp_find_unused_parameters=False)
 
 
 class _Progress(TrainerCallback):
-    """Adds tokens/s to the logs and marks each checkpoint complete once Trainer has fully written it."""
+    """Marks each checkpoint complete once Trainer has fully written it (transformers logs tokens/s itself)."""
 
     def __init__(self, folder: RunFolder):
         self.folder = folder
@@ -58,11 +61,6 @@ class _Progress(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.start, self.tokens_at_start = time.perf_counter(), state.num_input_tokens_seen
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if logs is not None and state.num_input_tokens_seen:
-            elapsed = time.perf_counter() - self.start
-            logs["tokens_per_second"] = round((state.num_input_tokens_seen - self.tokens_at_start) / max(elapsed, 1e-9), 1)
 
     def on_step_end(self, args, state, control, **kw):
         # DefaultFlowCallback (first in the list) has decided by now whether Trainer saves after this step
@@ -168,8 +166,9 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
     if fsdp and (args.use_cpu or not torch.cuda.is_available()):
         # accelerate builds no FSDP plugin without an accelerator: Trainer would train unsharded copies instead
-        raise QMiLoRAError("FSDP needs GPUs (accelerate shards only on accelerators); on CPUs drop --fsdp and run "
-                           "data parallel")
+        how = ("drop --fsdp" if args.fsdp else "launch without the FSDP accelerate config (distributed_type: FSDP)")
+        raise QMiLoRAError(f"FSDP needs GPUs (accelerate shards only on accelerators); on CPUs {how} and run data "
+                           "parallel (torchrun, or accelerate launch --multi_gpu)")
     if fsdp:
         if qcfg.quant_storage == "uint8":
             # FSDP1 flattens float tensors only, and mixed precision casts what it gathers to the compute dtype:
@@ -248,6 +247,7 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     trainer = _Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
                        processing_class=tokenizer, callbacks=[progress], chunked_loss=chunked,
                        offload_activations=run.offload_activations)
+    console.use_lines(trainer)
     if resume:
         log.info("qmilora: resuming from %s", resume)
     t0 = time.perf_counter()

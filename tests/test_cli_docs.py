@@ -153,6 +153,8 @@ def test_documented_commands_run_as_written_on_tiny_inputs(tiny_llm, tmp_path, m
             argv = [os.path.join(bin_dir, "torchrun"), *argv[1:]]
         proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, (argv, proc.stderr[-2000:])
+        for noise in ("is_gradient_checkpointing` is deprecated", "find_unused_parameters=True", "{'loss'"):
+            assert noise not in proc.stderr + proc.stdout, (argv, noise)
         ran.append(argv[0].rsplit("/", 1)[-1] + (" " + argv[1] if argv[0] == "qmilora" else ""))
     assert {"qmilora-train", "qmilora train", "qmilora-export", "qmilora-generate", "qmilora-eval", "qmilora-plan",
             "qmilora-inspect", "torchrun"} <= set(ran), ran

@@ -18,27 +18,61 @@ def run(prog: str, body: Callable[[], None]) -> int:
     try:
         body()
     except (QMiLoRAError, ValueError, FileNotFoundError) as err:
-        _error(prog, err)
+        # a check of the input fails alike in every process of a torchrun / accelerate job: the main one says it
+        if _rank() == 0:
+            _error(prog, err)
         return 1
     except torch.OutOfMemoryError:
         _error(prog, "out of memory; lower --per_device_train_batch_size or --max_seq_length, or raise "
                      "--gradient_accumulation_steps")
         return 1
     except KeyboardInterrupt:
+        if _rank() != 0:  # Ctrl-C reaches every process of a job
+            return 130
         _error(prog, "interrupted; files written so far are complete (a run resumes from its last complete "
                      "checkpoint with --resume_from_checkpoint true)")
         return 130
     except Exception as err:
         if os.environ.get("QMILORA_DEBUG"):
             raise
-        _error(prog, f"unexpected {type(err).__name__}: {err} (set QMILORA_DEBUG=1 for the traceback)")
+        _error(prog, _known(err) or f"unexpected {type(err).__name__}: {err} (set QMILORA_DEBUG=1 for the traceback)")
         return 1
     return 0
 
 
+def _rank() -> int:
+    """This process's global rank under torchrun / accelerate launch (0 when launched alone)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _known(err: Exception) -> str | None:
+    """What to tell the user for failures that come from outside qmilora's own checks (the disk, files a library
+    unpickles, a model's chat template), or None."""
+    import errno
+    import pickle
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {err.filename}" if err.filename else ""
+        return (f"no space left on the device{where}; free some space (a training run then resumes from its last "
+                "complete checkpoint with --resume_from_checkpoint true)")
+    if isinstance(err, pickle.UnpicklingError):
+        return (f"torch refused to unpickle a checkpoint file ({str(err).splitlines()[0][:160]}): it holds objects "
+                "that safe loading does not allow, so it was not written by this training setup; resume from "
+                "another checkpoint, or start a new run")
+    if type(err).__module__.startswith("jinja2") and type(err).__name__ == "SecurityError":
+        return (f"the chat template tried something the template sandbox forbids ({err}); fix the template "
+                "(--chat_template) or render without one")
+    return None
+
+
 def _error(prog: str, message) -> None:
     text = " ".join(str(message).split()) or "(no message)"  # one line, whatever the exception carried
-    print(f"{prog}: error: {text}", file=sys.stderr)
+    rank = _rank()
+    where = f" (process {rank})" if rank else ""  # a failure of one process only, e.g. out of memory
+    print(f"{prog}: error{where}: {text}", file=sys.stderr)
 
 
 def parse_flags(prog: str, groups: tuple, argv: list[str], description: str | None = None):
