@@ -375,5 +375,13 @@ def check_free_space(directory: str, needed: int, what: str) -> None:
         probe = os.path.dirname(probe)
     free = shutil.disk_usage(probe).free
     if free < needed:
-        raise QMiLoRAError(f"not enough disk space for {what} in {probe}: needs {needed / 2**30:.2f} GB, "
-                           f"{free / 2**30:.2f} GB free")
+        raise QMiLoRAError(f"not enough disk space for {what} in {probe}: needs {_size(needed)}, {_size(free)} free; "
+                           "free some space or write elsewhere")
+
+
+def _size(n: int) -> str:
+    """Bytes as a person reads them (a small need never shows as 0.00 GB)."""
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"

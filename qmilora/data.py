@@ -40,7 +40,7 @@ class DataConfig:
     data_split: str = field(default="train", metadata={"help": "Split to read from a hub dataset."})
     max_seq_length: int = field(default=512, metadata={"help": "Truncate examples to this many tokens.", "aliases": ["--max_length"]})
     train_on_prompt: bool = field(default=False, metadata={"help": "Also compute the loss on prompt tokens (default: response tokens only)."})
-    packing: bool = field(default=False, metadata={"help": "Concatenate examples into full max_seq_length blocks."})
+    packing: bool = field(default=False, metadata={"help": "Padding-free packing: each batch's examples in one row without padding, each attending only to itself (position ids restart per example; transformers' flattening collator). Checked against unpacked examples before training."})
     val_size: float = field(default=0.0, metadata={"help": "Held-out share (0-1) or row count (>=1) for evaluation loss."})
     chat_template: str = field(default="model", metadata={"help": "How rows become text: model (the tokenizer's own chat template, adding no system prompt the data does not hold: a template that inserts a default one gets an empty system message instead), none (no chat template: alpaca rows as '### Instruction: ... ### Response:', prompt_completion rows as written; chat rows are refused), or the path of a Jinja chat template file (used as written)."})
     system_prompt: str | None = field(default=None, metadata={"help": "System message for rows that carry none (needs a chat template). Default: none."})
@@ -64,6 +64,9 @@ def load_rows(cfg: DataConfig):
     source = cfg.data or BUNDLED
     ext = os.path.splitext(source)[1].lower()
     if os.path.exists(source) or ext in _BUILDERS:
+        if os.path.isdir(source):
+            raise QMiLoRAError(f"--data {source} is a folder; pass one data file (.json, .jsonl, .csv, .parquet or "
+                               ".txt) or a datasets name")
         if not os.path.isfile(source):
             raise QMiLoRAError(f"data file {source} does not exist")
         if ext not in _BUILDERS:
@@ -153,8 +156,6 @@ def build_dataset(cfg: DataConfig, tokenizer):
                            f"{cfg.max_seq_length}; raise --max_seq_length")
     if len(kept) < len(examples):
         log.warning("qmilora: dropped %d of %d examples whose response was truncated away", len(examples) - len(kept), len(examples))
-    if cfg.packing:
-        kept = pack(kept, cfg.max_seq_length)
     import datasets
 
     data = datasets.Dataset.from_list(kept)
@@ -295,17 +296,6 @@ def _encode_chat(messages, tokenizer, cfg: DataConfig) -> dict:
 def _finish(ids: list[int], labels: list[int], cfg: DataConfig) -> dict:
     ids, labels = ids[: cfg.max_seq_length], labels[: cfg.max_seq_length]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-
-def pack(examples: list[dict], length: int) -> list[dict]:
-    """Concatenate examples (labels kept) and cut into blocks of `length`; the last partial block is kept."""
-    flat = {k: [v for e in examples for v in e[k]] for k in ("input_ids", "labels")}
-    blocks = []
-    for i in range(0, len(flat["input_ids"]), length):
-        ids, labels = flat["input_ids"][i : i + length], flat["labels"][i : i + length]
-        if any(label != IGNORE for label in labels):
-            blocks.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    return blocks
 
 
 def _join(instruction, extra) -> str | None:

@@ -108,13 +108,23 @@ class RunFolder:
             found = self.last_complete_checkpoint()
             if found is None:
                 raise QMiLoRAError(f"--resume_from_checkpoint {value}: no complete checkpoint in {self.path}")
-            return found
+            return self.verified_checkpoint(os.path.basename(found))
         name = os.path.basename(os.path.normpath(value))
         if not _CHECKPOINT.match(name) or RunFolder(os.path.dirname(os.path.normpath(value))).checkpoint_record(name) is None:
             raise QMiLoRAError(f"--resume_from_checkpoint {value}: not a complete qmilora checkpoint directory")
         if os.path.realpath(os.path.dirname(os.path.normpath(value))) != os.path.realpath(self.path):
             raise QMiLoRAError(f"--resume_from_checkpoint {value}: the checkpoint is not in --output_dir {self.path}")
-        return os.path.join(self.path, name)
+        return self.verified_checkpoint(name)
+
+    def verified_checkpoint(self, name: str) -> str:
+        """A complete checkpoint whose files are those Trainer wrote (Trainer unpickles some of them: a changed or
+        added file is refused here, in one line, not loaded)."""
+        path = os.path.join(self.path, name)
+        changed = files.foreign(path, self.checkpoint_record(name) or {}, skip=(COMPLETE, STARTED))
+        if changed:
+            raise QMiLoRAError(f"cannot resume from {path}: {', '.join(changed[:3])} changed since the checkpoint was "
+                               "written (or was added); resume from another checkpoint, or start a new run")
+        return path
 
     # --- what this folder holds of qmilora's ---------------------------------------------------------------------
     def _recorded(self) -> dict[str, list]:

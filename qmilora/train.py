@@ -11,7 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
+                          TrainingArguments)
 
 from . import cache, checkpoint, console, cpu, files as qfiles, loss as lm_loss
 from .config import QMiLoRAConfig, QMiLoRAError
@@ -206,6 +207,7 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_set, eval_set, fmt = build_dataset(dcfg, tokenizer)  # bad data stops here, before the model loads
+    check_data_fits(directory, [train_set] + ([eval_set] if eval_set is not None else []))
     if main:  # what the model will read: the chat template and system prompt in effect, the trained span marked
         log.info("qmilora: first training example ([[...]] is trained on):\n%s", show_example(train_set[0], tokenizer))
     if eval_set is None and args.eval_strategy != "no":
@@ -239,7 +241,11 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
         folder.write_initial(model)
         folder.update(source=meta["source"], state="training")
     progress = _Progress(folder)
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)
+    if dcfg.packing:  # one row per batch, no padding; the model separates the examples by their position ids
+        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+        check_packing_isolates(model, collator, train_set)
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)
     chunked = _use_chunked_loss(run, args, model, collator, train_set)
     if chunked and fsdp:  # it reads the head's weight outside the forward, where FSDP keeps it sharded
         log.warning("qmilora: FSDP: using the model's own loss (the chunked loss reads the unsharded head)")
@@ -289,6 +295,52 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
 
         PartialState().wait_for_everyone()  # the run is over for every process once its outputs exist
     return model, summary
+
+
+def check_packing_isolates(model, collator, train_set) -> None:
+    """Refuse --packing where the model lets packed examples attend to each other: the logits of two examples
+    flattened into one row must equal their logits alone (transformers builds per-example masks from the position
+    ids for the architectures it has moved to its masking utilities; others would mix examples silently)."""
+    rows = [{k: train_set[i][k] for k in ("input_ids", "labels")} for i in range(min(2, len(train_set)))]
+    if len(rows) < 2:
+        return
+    device = next(p.device for p in model.parameters())
+    flat = collator(rows)
+    was_training = model.training
+    model.eval()  # dropout off; gradients stay enabled (a no-grad eval forward repacks 4-bit CPU weights)
+    try:
+        # no cache, as in training: with one, transformers does not derive the per-example mask
+        packed = model(input_ids=flat["input_ids"].to(device), position_ids=flat["position_ids"].to(device),
+                       use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([r["input_ids"]], device=device), use_cache=False).logits[0]
+                           for r in rows])
+    finally:
+        model.train(was_training)
+    gap = (packed.float() - alone.float()).abs().max().item()
+    if gap > 1e-2 * alone.float().abs().max().item() + 1e-4:
+        raise QMiLoRAError(f"--packing: {type(model.get_base_model()).__name__} lets packed examples attend to each "
+                           f"other (logits differ by {gap:.3g} from the examples alone); train without --packing")
+
+
+def check_data_fits(directory: str, sets: list) -> None:
+    """Token ids the embedding has rows for, and sequences no longer than the positions the model has, before the
+    model loads: otherwise an index error deep inside the first forward, or positions the model never learned."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory).get_text_config()
+    vocab = getattr(config, "vocab_size", None)
+    longest = max(max(map(len, s["input_ids"])) for s in sets)
+    top = max(max(max(ids) for ids in s["input_ids"]) for s in sets)
+    if isinstance(vocab, int) and top >= vocab:
+        raise QMiLoRAError(f"the tokenizer gives token id {top}, but the model's embedding has {vocab} rows: the "
+                           "tokenizer does not belong to this model (or has added tokens the model lacks); use the "
+                           "model's own tokenizer")
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    extended = isinstance(scaling, dict) and scaling.get("rope_type", "default") != "default"  # context extension
+    if isinstance(positions, int) and longest > positions and not extended:
+        raise QMiLoRAError(f"an example is {longest} tokens long, but the model has {positions} positions; lower "
+                           f"--max_seq_length to {positions} or less")
 
 
 # TrainingArguments that only change what is logged, saved or evaluated, or how fast: a resume may change them.

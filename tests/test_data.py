@@ -75,9 +75,7 @@ def test_forced_format_truncation_packing_and_val(tmp_path):
     train, val, _ = build_dataset(DataConfig(data=path, val_size=0.25), TOK)
     assert len(train) == 15 and len(val) == 5
     packed, _, _ = build_dataset(DataConfig(data=path, packing=True, max_seq_length=32), TOK)
-    lengths = [len(x["input_ids"]) for x in packed]
-    assert all(n == 32 for n in lengths[:-1]) and sum(lengths) == sum(len(x["input_ids"]) for x in train) + sum(
-        len(x["input_ids"]) for x in val)
+    assert len(packed) == 20  # packing happens per batch, in the collator: the examples stay whole
     short, _, _ = build_dataset(DataConfig(data=path, max_seq_length=12, data_format="alpaca"), TOK)
     assert max(len(x["input_ids"]) for x in short) == 12
     with pytest.raises(QMiLoRAError, match="format text needs field"):

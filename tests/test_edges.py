@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from qmilora import cache as qcache, checkpoint, files
@@ -362,3 +363,89 @@ def test_checkpoints_and_outputs_follow_the_umask(trained):
     complete = json.load(open(os.path.join(run, "checkpoint-2", ".complete")))
     assert "adapter_model.safetensors" in complete and load_file(os.path.join(run, "checkpoint-2",
                                                                                  "adapter_model.safetensors"))
+
+
+# --- unclear messages made clear ---------------------------------------------------------------------------------------------
+def test_a_changed_checkpoint_file_is_refused_before_trainer_unpickles_it(trained, tiny_llm, tmp_path, capsys):
+    run, cache = copy_run(trained, tmp_path)
+    with open(run / "checkpoint-2" / "optimizer.pt", "ab") as f:
+        f.write(b"\0")
+    assert train_main(argv(tiny_llm, run, cache, "--resume_from_checkpoint", "true")) == 1
+    assert "optimizer.pt changed since the checkpoint was written" in error_line(capsys)
+
+
+def test_data_the_model_cannot_read_is_refused_before_it_loads(tiny_llm, tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    (tmp_path / "folder").mkdir()
+    assert train_main(argv(tiny_llm, tmp_path / "a", cache, "--data", str(tmp_path / "folder"))) == 1
+    assert "is a folder; pass one data file" in error_line(capsys)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"instruction": "Say it", "output": " ".join(["the"] * 300)}) + "\n")
+    assert train_main(argv(tiny_llm, tmp_path / "b", cache, "--max_seq_length", "400", "--data", str(long))) == 1
+    assert "the model has 128 positions; lower --max_seq_length" in error_line(capsys)
+    small = tmp_path / "small"
+    shutil.copytree(tiny_llm, small)
+    cfg = json.load(open(small / "config.json"))
+    cfg["vocab_size"] = 20  # the tokenizer's ids go beyond the rows of this (smaller) embedding
+    json.dump(cfg, open(small / "config.json", "w"))
+    assert train_main(argv(str(small), tmp_path / "c", cache)) == 1
+    assert "but the model's embedding has 20 rows" in error_line(capsys)
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "c")
+
+
+def test_a_small_space_shortage_reads_in_megabytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))
+    with pytest.raises(QMiLoRAError, match="needs 3.00 MB, 0 bytes free"):
+        checkpoint.check_free_space(str(tmp_path), 3 * 2**20, "the export")
+
+
+@pytest.mark.parametrize("fault,words", [
+    (OSError(28, "No space left on device", "/x/optimizer.pt"), "no space left on the device writing /x/optimizer.pt"),
+    (__import__("pickle").UnpicklingError("Weights only load failed"), "torch refused to unpickle"),
+])
+def test_faults_from_outside_are_one_clear_line(fault, words, capsys):
+    from qmilora.cli import run
+
+    def body():
+        raise fault
+
+    assert run("qmilora-train", body) == 1
+    line = error_line(capsys)
+    assert words in line and "unexpected" not in line
+
+
+def test_a_sandboxed_chat_template_failure_is_one_clear_line(capsys):
+    from jinja2.exceptions import SecurityError
+
+    from qmilora.cli import run
+
+    def body():
+        raise SecurityError("access to attribute '__class__' of 'str' object is unsafe.")
+
+    assert run("qmilora-train", body) == 1
+    assert "the template sandbox forbids" in error_line(capsys)
+
+
+def test_packing_keeps_examples_apart(tiny_ckpt):
+    """Flattened examples give each its own logits (the check train runs), and the check catches a packing that
+    lets them attend to each other (position ids that do not restart)."""
+    from transformers import DataCollatorWithFlattening
+
+    from qmilora import QMiLoRAConfig, prepare_model
+    from qmilora.train import check_packing_isolates
+
+    d, _ = tiny_ckpt
+    model = prepare_model(d, QMiLoRAConfig(rank=4, device="cpu", prepared_cache=False))
+    rows = [{"input_ids": [1, 5, 9, 3, 7], "labels": [1, 5, 9, 3, 7]}, {"input_ids": [2, 8, 4], "labels": [2, 8, 4]}]
+    collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    flat = collator(rows)
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]] and flat["labels"][0, 5] == -100
+    check_packing_isolates(model, collator, rows)
+
+    def mixing(features):
+        batch = collator(features)
+        batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
+        return batch
+
+    with pytest.raises(QMiLoRAError, match="lets packed examples attend to each other"):
+        check_packing_isolates(model, mixing, rows)
