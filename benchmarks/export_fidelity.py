@@ -5,10 +5,11 @@ agreement on the run's eval split, through the same code qmilora-export prints w
     python benchmarks/export_fidelity.py --tiny /tmp/tiny --name export-fidelity-tiny   # trains a tiny model first
 
 Artifacts: --to merged (bf16 and float32), --to original-lora on the original base (= --to original-merged, tested
-equal), and the pre-issue-27 trap (the residual-form adapter on the original base). Research rows (--correction_ranks):
-the original-base model plus the best rank-k approximation of the residual's NF4 rounding error Q − W_res in every
-layer (a training-free correction: a rank-(2r+k) LoRA for the original base reproduces it), chosen by the loss on
-training rows and reported on the eval split.
+equal), the run folder itself in plain PEFT, and the pre-issue-27 trap (the residual-form adapter on the original
+base). Research rows (--correction_ranks): the original-base model plus a rank-k approximation L_k of the residual's
+NF4 rounding error E = Q − W_res in every adapted layer (training-free; a rank-(2r+k) LoRA for the original base
+holds it): plain (min ‖E − L‖_F) and activation-aware (min ‖(E − L)·H^½‖_F, H the layer's input Gram on the first
+--rows training rows). Every row is measured on the eval split and on the next --train_rows training rows.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def tiny_run(directory: str, steps: int) -> str:
     tok.save_pretrained(os.path.join(directory, "model"))
     run = os.path.join(directory, "run")
     subprocess.run(["qmilora-train", "--model", os.path.join(directory, "model"), "--output_dir", run, "--rank", "16",
-                    "--val_size", "20", "--eval_steps", "100000", "--max_steps", str(steps), "--learning_rate", "2e-3",
+                    "--val_size", "20", "--eval_steps", "100000", "--max_steps", str(steps), "--learning_rate", "1e-2",
                     "--save_strategy", "no", "--disable_tqdm", "true"], check=True)
     return run
 
@@ -59,33 +60,44 @@ def layers_of(trained):
     return out
 
 
-def corrected(directory: str, layers: dict, initial: dict, ranks: list[int]):
-    """Yield (k, model): the original base with W + s·(B A − B₀ A₀) + [Q − W_res]_k in every adapted layer."""
+def corrected(directory: str, layers: dict, initial: dict, ranks: list[int], hessians: dict | None = None):
+    """Yield (name, k, model): the original base with W + s·(B A − B₀ A₀) + L_k in every adapted layer, L_k the
+    best rank-k approximation of the residual's NF4 error E = Q − W_res: plain (min ‖E − L‖_F), and with
+    `hessians` activation-aware (min ‖(E − L)·H^½‖_F, H the layer's input Gram on training rows: the error as the
+    layer's outputs see it)."""
     from transformers import AutoModelForCausalLM
 
-    errors = {}
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    base = {}
+    base, factors = {}, {"plain": {}, "activation-aware": {}}
+    top = max(ranks)
     for name, (q, B, A, s) in layers.items():
         B0, A0 = initial[name]
         w = model.get_submodule(name).weight.data.double()
-        residual = w - s * (B0 @ A0)
-        U, S, Vh = torch.linalg.svd(q - residual, full_matrices=False)  # the NF4 rounding error of the residual
-        errors[name] = (U[:, :max(ranks)], S[:max(ranks)], Vh[:max(ranks)])
+        error = q - (w - s * (B0 @ A0))  # the NF4 rounding error of the residual
+        U, S, Vh = torch.linalg.svd(error, full_matrices=False)
+        factors["plain"][name] = (U[:, :top] * S[:top], Vh[:top])
+        if hessians is not None:
+            h = hessians[name] + 0.01 * hessians[name].diagonal().mean() * torch.eye(w.shape[1], dtype=torch.float64)
+            lam, V = torch.linalg.eigh(h)
+            U, S, Vh = torch.linalg.svd(error @ (V * lam.sqrt()) @ V.T, full_matrices=False)
+            factors["activation-aware"][name] = (U[:, :top] * S[:top], Vh[:top] @ (V * lam.rsqrt()) @ V.T)
         base[name] = w + s * (B @ A - B0 @ A0)
-    for k in ranks:  # float64 sums, cast once to the float32 the original-base rows are measured in
-        for name, (U, S, Vh) in errors.items():
-            model.get_submodule(name).weight.data = (base[name] + (U[:, :k] * S[:k]) @ Vh[:k]).float()
-        yield k, model
+    for kind, per_layer in factors.items():
+        for k in ranks if per_layer else []:  # float64 sums, cast once to the float32 the other rows run in
+            for name, (left, right) in per_layer.items():
+                model.get_submodule(name).weight.data = (base[name] + left[:, :k] @ right[:k]).float()
+            yield kind, k, model
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="a qmilora-train output folder (with an eval split: --val_size)")
     p.add_argument("--tiny", help="train a tiny model in this folder first and measure that run")
-    p.add_argument("--steps", type=int, default=60, help="--tiny: training steps")
+    p.add_argument("--steps", type=int, default=150, help="--tiny: training steps")
     p.add_argument("--name", required=True)
-    p.add_argument("--rows", type=int, default=20, help="eval rows (the run's eval split)")
+    p.add_argument("--rows", type=int, default=20, help="eval rows (the run's eval split); the first as many training "
+                   "rows calibrate the activation-aware correction")
+    p.add_argument("--train_rows", type=int, default=100, help="training rows after those, measured too")
     p.add_argument("--correction_ranks", type=int, nargs="*", default=[16, 64])
     p.add_argument("--train_command", help="--run: the command that trained it (recorded in the JSON)")
     args = p.parse_args()
@@ -103,19 +115,27 @@ def main() -> None:
     directory = meta["source"]["path"]
     held = fidelity.run_rows(run, meta, tok, args.rows)
     train_meta = {**meta, "data": {**meta["data"], "val_size": 0.0}}
-    train_rows = fidelity.run_rows(run, train_meta, tok, args.rows)  # first training rows: to choose by
+    first = fidelity.run_rows(run, train_meta, tok, args.rows + args.train_rows)
+    train_rows = fidelity.Rows(first.rows[:args.rows], f"the first {args.rows} training rows", 0)  # calibration
+    later = first.rows[args.rows:]
+    train_rows.tokens = sum(sum(1 for t in r["labels"][1:] if t != -100) for r in train_rows.rows)
+    measured = fidelity.Rows(later, f"{len(later)} later training rows",
+                             sum(sum(1 for t in r["labels"][1:] if t != -100) for r in later))
     trained = load_trained(run, lora_dropout=0.0)
-    refs = {"eval": fidelity.reference(trained, held, tok), "train": fidelity.reference(trained, train_rows, tok)}
+    refs = {"eval": fidelity.reference(trained, held, tok), "train": fidelity.reference(trained, measured, tok)}
     layers = layers_of(trained)
     rank = next(iter(layers.values()))[1].shape[1]
-    rows = [{"artifact": "trained (load_trained)", "loss": refs["eval"][0], "top1_agreement": 1.0}]
+    rows = [{"artifact": "trained (load_trained)", "loss": refs["eval"][0], "top1_agreement": 1.0,
+             "train_rows_loss": refs["train"][0], "train_rows_top1_agreement": 1.0}]
 
-    def measure(name: str, model, on: str = "eval", **extra) -> dict:
-        data = held if on == "eval" else train_rows
-        score = fidelity.score(name, model, data, tok, refs[on][1])
-        row = {"artifact": name, "loss": score.loss, "loss_vs_trained": score.loss - refs[on][0],
-               "top1_agreement": score.top1_agreement, **extra}
-        print(score.line(refs[on][0]), flush=True)
+    def measure(name: str, model) -> dict:
+        """On the eval split, and on the later training rows (more tokens; fidelity, not generalization)."""
+        row = {"artifact": name}
+        for on, data, prefix in (("eval", held, ""), ("train", measured, "train_rows_")):
+            score = fidelity.score(name, model, data, tok, refs[on][1])
+            row.update({f"{prefix}loss": score.loss, f"{prefix}loss_vs_trained": score.loss - refs[on][0],
+                        f"{prefix}top1_agreement": score.top1_agreement})
+            print(score.line(refs[on][0]), flush=True)
         return row
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,17 +159,22 @@ def main() -> None:
         if ".lora_A." in key:
             layer = key.removeprefix("base_model.model.").split(".lora_A.")[0]
             initial[layer] = (init[key.replace("lora_A", "lora_B")].double(), value.double())
+    from qmilora.calibrate import hessians
+
+    original = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    grams = hessians(original, set(layers), [r["input_ids"] for r in train_rows.rows], batch_size=1)
+    del original
     research = []
-    for k, model in corrected(directory, layers, initial, args.correction_ranks):
-        name = f"original base + rank-{k} NF4-error correction (a rank-{2 * rank + k} LoRA)"
-        research.append({**measure(name, model), "train_loss_vs_trained": measure(name, model, "train")["loss_vs_trained"],
-                         "correction_rank": k})
-    chosen = min(research, key=lambda r: r["train_loss_vs_trained"]) if research else None
+    for kind, k, model in corrected(directory, layers, initial, args.correction_ranks, grams):
+        name = f"original base + {kind} rank-{k} NF4-error correction (a rank-{2 * rank + k} LoRA)"
+        research.append({**measure(name, model), "correction": kind, "correction_rank": k})
     path = write(args.name, rows + research, {
         "run": os.path.abspath(run), "rank": rank, "eval": held.where, "eval_tokens": held.tokens,
-        "chosen_by_training_rows": chosen and chosen["artifact"], "summary": meta.get("summary"),
+        "train_rows": measured.where, "train_rows_tokens": measured.tokens, "calibration": train_rows.where,
+        "summary": meta.get("summary"),
         "train_command": args.train_command or (args.tiny and "see tiny_run()")})
-    print(table(rows + research, ["artifact", "loss", "loss_vs_trained", "top1_agreement"]))
+    print(table(rows + research, ["artifact", "loss", "loss_vs_trained", "top1_agreement", "train_rows_loss_vs_trained",
+                                  "train_rows_top1_agreement"]))
     print(json.dumps({"wrote": path}))
 
 

@@ -10,12 +10,12 @@ _WHAT = {
                "Use it to serve the trained behaviour (transformers, vLLM, llama.cpp conversion)."),
     "original-lora": ("A rank-{rank} LoRA for the ORIGINAL 16-bit base `{base}`: W + s·(B·A − B₀·A₀). It is not "
                       "the trained model, which ran on NF4(W − s·B₀·A₀) + s·B·A: it lacks the 4-bit rounding of "
-                      "the residual that the adapter was trained around (numbers below). Use it where a LoRA on the "
+                      "the residual that the adapter was trained around (see below). Use it where a LoRA on the "
                       "original base is required (vLLM LoRA serving with --max-lora-rank >= {rank}, adapter "
                       "merging); to serve the trained behaviour use `qmilora-export --to merged`."),
     "original-merged": ("W + s·(B·A − B₀·A₀) merged into the ORIGINAL weights of `{base}` (each tensor in its "
                         "stored dtype): the same model as `--to original-lora` on that base, not the trained model "
-                        "(numbers below). To serve the trained behaviour use `qmilora-export --to merged`."),
+                        "(see below). To serve the trained behaviour use `qmilora-export --to merged`."),
     "residual": ("The adapter as trained: (B, A) on the prepared residual base NF4(W − s·B₀·A₀) of `{base}`, which "
                  "only QMiLoRA builds; its adapter_config.json names that base, so PEFT's AutoPeftModel refuses to "
                  "load it. On the original `{base}` these weights give a different, much worse model. Load it with "
@@ -29,7 +29,7 @@ def text(kind: str, meta: dict, report: dict | None, **fields) -> str:
     if kind == "original-lora":
         hub = [] if base.startswith("demo:") or os.path.isabs(base) else [f"base_model: {base}"]
         lines += ["---", "library_name: peft", *hub, "---", ""]
-    lines += [f"# QMiLoRA: {kind}", "", _WHAT[kind].format(base=base, **fields), ""]
+    lines += [f"# QMiLoRA: {kind}", "", _WHAT[kind].format(base=base, **fields) + fields.get("correction", ""), ""]
     if report is not None:
         lines += ["| model | loss | top-1 agreement with the trained model |", "|---|---|---|",
                   f"| trained (NF4 residual + s·B·A) | {report['trained_loss']:.4f} | 100% |",

@@ -116,19 +116,33 @@ def write_adapter(directory: str, state: dict[str, torch.Tensor], config: dict) 
 
 
 def to_original_lora(adapter_dir: str, output: str, model: str | None = None, overwrite: bool = False,
-                     measure_rows: int = 8) -> tuple[str, dict | None]:
+                     measure_rows: int = 8, correction_rank: int = 0,
+                     calibration_rows: int = 32) -> tuple[str, dict | None]:
+    """The rank-2r LoRA for the original base; with `correction_rank` k, rank 2r + k holding also the activation-
+    aware rank-k approximation of the residual's NF4 error (`correction`), calibrated on training rows."""
     _check_output(output, overwrite, adapter_dir, model)
     meta, directory = _source(adapter_dir, model)
     _check_output(output, overwrite, adapter_dir, directory)
     state, config = original_lora(RunFolder(adapter_dir).residual_adapter(), os.path.join(adapter_dir, INITIAL),
                                   base_name(meta, directory))
+    if correction_rank:
+        from . import correction
+
+        found = correction.factors(adapter_dir, model, correction_rank, calibration_rows)
+        correction.add_to_lora(state, config, found, config["lora_alpha"] / config["r"])
     with _output(output, overwrite) as tmp:
         write_adapter(tmp, state, config)
         _copy_tokenizer(adapter_dir, tmp)
         report = measure(adapter_dir, meta, "original-lora", lambda: _original_with_lora(directory, tmp, meta),
                          measure_rows, model=model)
-        cards.write(tmp, "original-lora", meta, report, rank=config["r"])
+        cards.write(tmp, "original-lora", meta, report, rank=config["r"],
+                    correction=_correction_note(correction_rank, calibration_rows))
     return output, report
+
+
+def _correction_note(rank: int, rows: int) -> str:
+    return (f" It also holds a rank-{rank} approximation of the residual's NF4 rounding error, weighted by the "
+            f"inputs of {rows} training rows (--correction_rank): closer to the trained model." if rank else "")
 
 
 def _original_with_lora(directory: str, adapter: str, meta: dict):
@@ -251,11 +265,18 @@ def as_trained(peft_model, dtype: torch.dtype):
 
 
 def to_original_merged(adapter_dir: str, output: str, model: str | None = None, overwrite: bool = False,
-                       measure_rows: int = 8) -> tuple[str, dict | None]:
-    """W + s·(B A − B₀ A₀) on the original weights, each tensor in its stored dtype."""
+                       measure_rows: int = 8, correction_rank: int = 0,
+                       calibration_rows: int = 32) -> tuple[str, dict | None]:
+    """W + s·(B A − B₀ A₀) on the original weights, each tensor in its stored dtype (+ L_k with `correction_rank`,
+    as in `to_original_lora`)."""
     _check_output(output, overwrite, adapter_dir, model)
     meta, directory = _source(adapter_dir, model)
     _check_output(output, overwrite, adapter_dir, directory)
+    corrections = {}
+    if correction_rank:
+        from . import correction
+
+        corrections = correction.factors(adapter_dir, model, correction_rank, calibration_rows)
     residual = RunFolder(adapter_dir).residual_adapter()
     with open(os.path.join(residual, ADAPTER_CONFIG)) as f:
         scaling = (cfg := json.load(f))["lora_alpha"] / cfg["r"]
@@ -280,6 +301,9 @@ def to_original_merged(adapter_dir: str, output: str, model: str | None = None, 
                     if name.endswith(".weight") and layer in delta:
                         (B, A), (B0, A0) = delta.pop(layer)
                         update = B.double() @ A.double() - B0.double() @ A0.double()  # (out, in)
+                        if layer in corrections:
+                            left, right = corrections[layer]
+                            update = update + (left @ right) / scaling
                         if layer in stored_transposed:
                             update = update.T  # Conv1D stores (in, out)
                         w = (w.double() + scaling * update).to(w.dtype)
@@ -293,7 +317,8 @@ def to_original_merged(adapter_dir: str, output: str, model: str | None = None, 
                 shutil.copy2(os.path.join(directory, name), tmp)
         _copy_tokenizer(adapter_dir, tmp)
         report = measure(adapter_dir, meta, "original-merged", lambda: _plain(tmp, meta), measure_rows, model=model)
-        cards.write(tmp, "original-merged", meta, report)
+        cards.write(tmp, "original-merged", meta, report,
+                    correction=_correction_note(correction_rank, calibration_rows))
     return output, report
 
 

@@ -40,9 +40,10 @@ class Score:
         return asdict(self)
 
 
-def run_rows(run_dir: str, meta: dict, tokenizer, limit: int) -> Rows | None:
-    """Up to `limit` rows of the run's eval split, else of its training rows, rebuilt from the recorded data config
-    (the split is seeded, so these are the rows the run held out). None when the data is no longer readable."""
+def run_rows(run_dir: str, meta: dict, tokenizer, limit: int, split: str = "eval") -> Rows | None:
+    """Up to `limit` rows of the run's eval split (else of its training rows), or with split="train" of its training
+    rows, rebuilt from the recorded data config (the split is seeded, so these are the rows the run held out). None
+    when the data is no longer readable."""
     from .data import DataConfig, build_dataset
 
     try:
@@ -50,7 +51,10 @@ def run_rows(run_dir: str, meta: dict, tokenizer, limit: int) -> Rows | None:
     except (QMiLoRAError, TypeError) as err:  # the data file moved, or the record predates a field
         log.warning("qmilora: cannot rebuild the run's data to measure fidelity (%s)", err)
         return None
-    data, where = (held, "the eval split") if held is not None else (train, "the first training rows")
+    if held is not None and split == "eval":
+        data, where = held, "the eval split"
+    else:
+        data, where = train, "the first training rows"
     rows = [data[i] for i in range(min(limit, len(data)))]
     tokens = sum(sum(1 for t in r["labels"][1:] if t != IGNORE) for r in rows)
     return Rows(rows, f"{len(rows)} rows of {where}", tokens)

@@ -27,6 +27,8 @@ class ExportArgs:
                                                               "checkpoint's dtypes.", "choices": ("bfloat16", "float16", "float32")})
     model: str | None = field(default=None, metadata={"help": "The original checkpoint, when it is not where qmilora.json says."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output directory."})
+    correction_rank: int = field(default=0, metadata={"help": "original-lora / original-merged: also carry a rank-k approximation of the residual's 4-bit rounding error, weighted by the run's training inputs (a rank-2r+k LoRA, closer to the trained model; docs/export.md). 0: none."})
+    calibration_rows: int = field(default=32, metadata={"help": "--correction_rank: training rows whose layer inputs weight the approximation."})
     measure_rows: int = field(default=8, metadata={"help": "Rows of the run's eval split (else of its training data) on which to measure the export against the trained model; 0 skips."})
 
     def __post_init__(self) -> None:
@@ -38,6 +40,12 @@ class ExportArgs:
         if self.dtype is not None and self.to != "merged":
             raise ValueError(f"--dtype applies to --to merged only; --to {self.to} keeps the original checkpoint's "
                              "dtypes")
+        if self.correction_rank and self.to == "merged":
+            raise ValueError("--correction_rank applies to the original-base exports; --to merged is the trained "
+                             "model already")
+        if self.correction_rank < 0 or self.calibration_rows < 1:
+            raise ValueError(f"--correction_rank must be >= 0 and --calibration_rows >= 1, got "
+                             f"{self.correction_rank} and {self.calibration_rows}")
         if self.measure_rows < 0:
             raise ValueError(f"--measure_rows must be >= 0, got {self.measure_rows}")
 
@@ -52,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                                        args.measure_rows)
         else:
             fn = export.to_original_lora if args.to == "original-lora" else export.to_original_merged
-            path, _ = fn(args.adapter, args.output, args.model, args.overwrite, args.measure_rows)
+            path, _ = fn(args.adapter, args.output, args.model, args.overwrite, args.measure_rows,
+                         args.correction_rank, args.calibration_rows)
         print(f"qmilora-export: wrote {path} ({args.to})")
 
     return run("qmilora-export", body)
