@@ -59,17 +59,50 @@ def cpu_dequantize_is_exact() -> bool:
     return True
 
 
+def _row_per_block_dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                                   shape, dtype: torch.dtype) -> torch.Tensor:
+    """The replacement CPU kernel: the native one where it is right, the reference elsewhere. The native kernel
+    indexes blocks by row; given the same bytes as rows of exactly one block, every block is a row and it computes
+    the specified result (the blocks lie in memory as before), so only a partial last block needs the reference."""
+    n = 1
+    for d in shape:
+        n *= d
+    fn = getattr(_native_lib(), f"cdequantize_blockwise_cpu_{quant_type}_{_CODES.get(dtype)}", None)
+    if fn is None or n % blocksize or blocksize >= 2048 or not A.is_contiguous():
+        return reference_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype)
+    import ctypes
+
+    codes, scale = A.reshape(-1).view(torch.uint8), absmax.float().contiguous()
+    out = torch.empty(n, dtype=dtype)
+    fn(ctypes.c_void_p(codes.data_ptr()), ctypes.c_void_p(scale.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+       ctypes.c_longlong(blocksize), ctypes.c_longlong(n // blocksize), ctypes.c_longlong(blocksize))
+    return out.reshape(shape)
+
+
+_CODES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _native_lib():
+    from bitsandbytes.cextension import lib
+
+    return lib
+
+
 def repair_cpu_dequantize() -> bool:
-    """Replace bitsandbytes' CPU `dequantize_4bit` kernel by the reference where the native one is wrong (every
-    4-bit layer's forward and backward on a CPU goes through it); returns whether it was replaced."""
+    """Replace bitsandbytes' CPU `dequantize_4bit` kernel where the native one is wrong (every 4-bit layer's forward
+    and backward on a CPU goes through it): by the native kernel called with one block per row, and the reference
+    where that cannot be done; returns whether it was replaced (and the replacement verified)."""
     if cpu_dequantize_is_exact():
         return False
     import warnings
 
-    with warnings.catch_warnings():  # torch warns that a kernel is overridden: that is the point
-        warnings.simplefilter("ignore")
-        torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", reference_dequantize_4bit)
-    return True
+    for kernel in (_row_per_block_dequantize_4bit, reference_dequantize_4bit):
+        with warnings.catch_warnings():  # torch warns that a kernel is overridden: that is the point
+            warnings.simplefilter("ignore")
+            torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", kernel)
+        if cpu_dequantize_is_exact():
+            return True
+    raise RuntimeError("bitsandbytes' CPU 4-bit dequantization is wrong on this CPU and could not be replaced")
 
 
 CPU_DEQUANTIZE_REPAIRED = repair_cpu_dequantize()
