@@ -149,11 +149,11 @@ class RunFolder:
                 found.append(name)
             elif name in recorded and not files.matches(path, recorded[name]):
                 found.append(name)  # a final file changed since: the next run's final files would replace it
-            elif name == INITIAL or _CHECKPOINT.match(name):
+            elif name == INITIAL or _CHECKPOINT.match(name) or any(r.startswith(name + os.sep) for r in recorded):
                 if not os.path.isdir(path):
                     found.append(name)
                     continue
-                complete = name == INITIAL or self.checkpoint_record(name) is not None
+                complete = not _CHECKPOINT.match(name) or self.checkpoint_record(name) is not None
                 if not complete and not os.path.isfile(os.path.join(path, STARTED)):
                     found.append(name + os.sep)  # a checkpoint-N that no qmilora run started
                     continue
