@@ -170,8 +170,8 @@ def _plain(directory: str, meta: dict):
 def measure(adapter_dir: str, meta: dict, kind: str, load_artifact, rows: int, model: str | None = None,
             trained=None) -> dict | None:
     """The artifact's loss and top-1 agreement against the trained model on `rows` of the run's own data (None
-    when `rows` is 0 or the data is gone). Holds one model at a time: the trained model's answers are kept, the
-    model is dropped, then the artifact loads."""
+    when `rows` is 0 or the data is gone). Only the trained model's answers are kept (its top-1 tokens): a trained
+    model loaded here is dropped before the artifact loads."""
     if rows <= 0:
         return None
     from transformers import AutoTokenizer
