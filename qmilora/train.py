@@ -134,10 +134,20 @@ def _use_chunked_loss(run: RunConfig, args: TrainingArguments, model, collator, 
 def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingArguments):
     """Prepare, train, and write the outputs; returns (trained PeftModel, run summary). The main process holds the
     output folder's lock throughout: a second training into it is refused."""
+    _refuse_hub_push(args)
     _check_schedule(args)
     folder = RunFolder(args.output_dir)
     with folder.lock(enabled=args.process_index == 0):
         return _train(folder, run, qcfg, dcfg, args)
+
+
+def _refuse_hub_push(args: TrainingArguments) -> None:
+    """Trainer's push uploads --output_dir as Trainer saves into it: the residual-form adapter at its top, which on
+    the original base is another, much worse model (issue 27). Pushing starts from an export instead."""
+    if args.push_to_hub:
+        raise QMiLoRAError("--push_to_hub would upload the residual-form adapter, which runs only on QMiLoRA's 4-bit "
+                           "residual base; after training export it (qmilora-export --to merged, or --to "
+                           "original-lora) and upload that folder (hf upload)")
 
 
 def _check_schedule(args: TrainingArguments) -> None:

@@ -288,3 +288,12 @@ def test_corrected_original_lora_reaches_the_trained_model_at_full_rank(trained,
     torch.testing.assert_close(got, logits(load_trained(trained, lora_dropout=0.0)), atol=1e-4, rtol=1e-4)
     assert export_main(["--adapter", trained, "--to", "merged", "--output", str(tmp_path / "x"),
                         "--correction_rank", "4"]) == 1
+
+
+def test_push_to_hub_is_refused_before_any_work(tiny_llm, tmp_path, capsys):
+    """Trainer would upload the folder as it saves it, residual-form adapter on top: refused, pointing to exports."""
+    assert train_main(["--model", tiny_llm, "--output_dir", str(tmp_path / "run"), "--push_to_hub", "true",
+                       "--hub_model_id", "someone/x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--push_to_hub would upload the residual-form adapter" in err[-1] and err[-1].startswith("qmilora-train: ")
+    assert not (tmp_path / "run").exists()
