@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
 
 from . import parse_flags, run
+
+log = logging.getLogger("qmilora")
 
 
 @dataclass
@@ -15,18 +18,22 @@ class EvalArgs:
     data: str = field(metadata={"help": "Held-out data file (any format qmilora-train reads)."})
     batch_size: int = field(default=8, metadata={"help": "Examples per forward pass."})
     base: bool = field(default=True, metadata={"help": "Also evaluate the original full-precision base model."})
+    merge_on_cpu: bool = field(default=True, metadata={"help": "On a CPU, evaluate the trained model as float32 weights merged once at load (dequantized 4-bit residual + adapter: the same model to float32 rounding, far faster there) when they fit in memory; false keeps the 4-bit layers."})
 
 
-def mean_loss(model, rows, tokenizer, batch_size: int) -> float:
-    """Token-weighted mean cross-entropy over the labelled tokens of `rows`."""
+def mean_loss(model, rows, tokenizer, batch_size: int, desc: str | None = None) -> float:
+    """Token-weighted mean cross-entropy over the labelled tokens of `rows` (a progress bar on a terminal when
+    `desc` names it)."""
     import torch
+    from tqdm.auto import tqdm
     from transformers import DataCollatorForSeq2Seq
 
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
     total, count = 0.0, 0
     model.eval()
+    starts = range(0, len(rows), batch_size)
     with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
+        for i in tqdm(starts, desc=desc, unit="batch", disable=None if desc else True):
             batch = collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))])
             batch = {k: v.to(model.device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
@@ -40,20 +47,24 @@ def mean_loss(model, rows, tokenizer, batch_size: int) -> float:
 def evaluate(args: EvalArgs) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .. import inference
     from ..data import DataConfig, build_dataset
     from ..runfolder import RunFolder
-    from ..train import load_trained
 
     meta = RunFolder(args.adapter).read_complete()
     tokenizer = AutoTokenizer.from_pretrained(args.adapter)
     data_cfg = {**meta["data"], "data": args.data, "val_size": 0.0, "packing": False}
     rows, _, _ = build_dataset(DataConfig(**data_cfg), tokenizer)
     result = {"data": args.data, "examples": len(rows)}
-    loss = mean_loss(load_trained(args.adapter, lora_dropout=0.0), rows, tokenizer, args.batch_size)
+    model, how = inference.load(args.adapter, args.merge_on_cpu)
+    log.info("qmilora-eval: trained model: %s; %d rows", how, len(rows))
+    loss = mean_loss(model, rows, tokenizer, args.batch_size, desc="qmilora-eval: trained model")
+    del model
     result.update(loss=loss, perplexity=math.exp(loss))
     if args.base:
+        log.info("qmilora-eval: the original base model, %s", meta["source"]["path"])
         base = AutoModelForCausalLM.from_pretrained(meta["source"]["path"])
-        base_loss = mean_loss(base, rows, tokenizer, args.batch_size)
+        base_loss = mean_loss(base, rows, tokenizer, args.batch_size, desc="qmilora-eval: original base")
         result.update(base_loss=base_loss, base_perplexity=math.exp(base_loss))
     return result
 
