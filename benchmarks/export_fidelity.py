@@ -8,8 +8,9 @@ Artifacts: --to merged (bf16 and float32), --to original-lora on the original ba
 equal), the run folder itself in plain PEFT, and the pre-issue-27 trap (the residual-form adapter on the original
 base). Research rows (--correction_ranks): the original-base model plus a rank-k approximation L_k of the residual's
 NF4 rounding error E = Q − W_res in every adapted layer (training-free; a rank-(2r+k) LoRA for the original base
-holds it): plain (min ‖E − L‖_F) and activation-aware (min ‖(E − L)·H^½‖_F, H the layer's input Gram on the first
---rows training rows). Every row is measured on the eval split and on the next --train_rows training rows.
+holds it): `--to original-lora --correction_rank k` (activation-weighted, min ‖(E − L)·H^½‖_F, H the layer's input
+Gram on the first --rows training rows) and, for comparison, the plain truncation (min ‖E − L‖_F). Every row is
+measured on the eval split and on the next --train_rows training rows.
 """
 from __future__ import annotations
 
@@ -60,33 +61,24 @@ def layers_of(trained):
     return out
 
 
-def corrected(directory: str, layers: dict, initial: dict, ranks: list[int], hessians: dict | None = None):
-    """Yield (name, k, model): the original base with W + s·(B A − B₀ A₀) + L_k in every adapted layer, L_k the
-    best rank-k approximation of the residual's NF4 error E = Q − W_res: plain (min ‖E − L‖_F), and with
-    `hessians` activation-aware (min ‖(E − L)·H^½‖_F, H the layer's input Gram on training rows: the error as the
-    layer's outputs see it)."""
+def plain_corrected(directory: str, layers: dict, initial: dict, ranks: list[int]):
+    """Yield (k, model): the original base with W + s·(B A − B₀ A₀) + [E]_k in every adapted layer, [E]_k the plain
+    (unweighted, min ‖E − L‖_F) rank-k truncation of the residual's NF4 error E = Q − W_res: the comparison for
+    `qmilora.correction`'s activation-weighted one."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    base, factors = {}, {"plain": {}, "activation-aware": {}}
-    top = max(ranks)
+    base, factors = {}, {}
     for name, (q, B, A, s) in layers.items():
         B0, A0 = initial[name]
         w = model.get_submodule(name).weight.data.double()
-        error = q - (w - s * (B0 @ A0))  # the NF4 rounding error of the residual
-        U, S, Vh = torch.linalg.svd(error, full_matrices=False)
-        factors["plain"][name] = (U[:, :top] * S[:top], Vh[:top])
-        if hessians is not None:
-            h = hessians[name] + 0.01 * hessians[name].diagonal().mean() * torch.eye(w.shape[1], dtype=torch.float64)
-            lam, V = torch.linalg.eigh(h)
-            U, S, Vh = torch.linalg.svd(error @ (V * lam.sqrt()) @ V.T, full_matrices=False)
-            factors["activation-aware"][name] = (U[:, :top] * S[:top], Vh[:top] @ (V * lam.rsqrt()) @ V.T)
+        U, S, Vh = torch.linalg.svd(q - (w - s * (B0 @ A0)), full_matrices=False)
+        factors[name] = (U[:, :max(ranks)] * S[:max(ranks)], Vh[:max(ranks)])
         base[name] = w + s * (B @ A - B0 @ A0)
-    for kind, per_layer in factors.items():
-        for k in ranks if per_layer else []:  # float64 sums, cast once to the float32 the other rows run in
-            for name, (left, right) in per_layer.items():
-                model.get_submodule(name).weight.data = (base[name] + left[:, :k] @ right[:k]).float()
-            yield kind, k, model
+    for k in ranks:  # float64 sums, cast once to the float32 the other rows run in
+        for name, (left, right) in factors.items():
+            model.get_submodule(name).weight.data = (base[name] + left[:, :k] @ right[:k]).float()
+        yield k, model
 
 
 def main() -> None:
@@ -114,11 +106,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(run)
     directory = meta["source"]["path"]
     held = fidelity.run_rows(run, meta, tok, args.rows)
-    train_meta = {**meta, "data": {**meta["data"], "val_size": 0.0}}
-    first = fidelity.run_rows(run, train_meta, tok, args.rows + args.train_rows)
-    train_rows = fidelity.Rows(first.rows[:args.rows], f"the first {args.rows} training rows", 0)  # calibration
-    later = first.rows[args.rows:]
-    train_rows.tokens = sum(sum(1 for t in r["labels"][1:] if t != -100) for r in train_rows.rows)
+    first = fidelity.run_rows(run, meta, tok, args.rows + args.train_rows, split="train")
+    later = first.rows[args.rows:]  # the first --rows calibrate --correction_rank
     measured = fidelity.Rows(later, f"{len(later)} later training rows",
                              sum(sum(1 for t in r["labels"][1:] if t != -100) for r in later))
     trained = load_trained(run, lora_dropout=0.0)
@@ -138,13 +127,13 @@ def main() -> None:
             print(score.line(refs[on][0]), flush=True)
         return row
 
+    original = lambda: AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in ("bfloat16", "float32"):
             out, _ = export.to_merged(run, os.path.join(tmp, dtype), dtype=dtype, measure_rows=0)
             rows.append(measure(f"--to merged ({dtype})", AutoModelForCausalLM.from_pretrained(out).eval()))
             gc.collect()
         out, _ = export.to_original_lora(run, os.path.join(tmp, "lora"), measure_rows=0)
-        original = lambda: AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()  # noqa: E731
         rows.append(measure(f"--to original-lora (rank {2 * rank}) on the original base = --to original-merged",
                             PeftModel.from_pretrained(original(), out).eval()))
         rows.append(measure("the run folder in plain PEFT on the original base (its top-level adapter)",
@@ -159,18 +148,21 @@ def main() -> None:
         if ".lora_A." in key:
             layer = key.removeprefix("base_model.model.").split(".lora_A.")[0]
             initial[layer] = (init[key.replace("lora_A", "lora_B")].double(), value.double())
-    from qmilora.calibrate import hessians
-
-    original = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    grams = hessians(original, set(layers), [r["input_ids"] for r in train_rows.rows], batch_size=1)
-    del original
     research = []
-    for kind, k, model in corrected(directory, layers, initial, args.correction_ranks, grams):
-        name = f"original base + {kind} rank-{k} NF4-error correction (a rank-{2 * rank + k} LoRA)"
-        research.append({**measure(name, model), "correction": kind, "correction_rank": k})
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in args.correction_ranks:  # the product's correction, as a user loads it: plain PEFT, original base
+            out, _ = export.to_original_lora(run, os.path.join(tmp, f"c{k}"), correction_rank=k,
+                                             calibration_rows=args.rows, measure_rows=0)
+            name = f"--to original-lora --correction_rank {k} (rank {2 * rank + k}, activation-weighted)"
+            research.append({**measure(name, PeftModel.from_pretrained(original(), out).eval()),
+                             "correction": "activation-weighted", "correction_rank": k})
+            gc.collect()
+    for k, model in plain_corrected(directory, layers, initial, args.correction_ranks):
+        name = f"original base + plain rank-{k} truncation of the NF4 error (rank {2 * rank + k})"
+        research.append({**measure(name, model), "correction": "plain", "correction_rank": k})
     path = write(args.name, rows + research, {
         "run": os.path.abspath(run), "rank": rank, "eval": held.where, "eval_tokens": held.tokens,
-        "train_rows": measured.where, "train_rows_tokens": measured.tokens, "calibration": train_rows.where,
+        "train_rows": measured.where, "train_rows_tokens": measured.tokens, "calibration": f"the first {args.rows} training rows",
         "summary": meta.get("summary"),
         "train_command": args.train_command or (args.tiny and "see tiny_run()")})
     print(table(rows + research, ["artifact", "loss", "loss_vs_trained", "top1_agreement", "train_rows_loss_vs_trained",
