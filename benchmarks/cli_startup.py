@@ -30,6 +30,9 @@ COMMANDS = [
     ["qmilora-eval", "--adapter", "out"],
     ["qmilora-export", "--help"],
     ["qmilora-inspect", "--help"],
+    # real work, no network: the shipped config.json of a family, and an id the Hub would have to answer
+    ["qmilora-plan", "--model", "meta-llama/Llama-2-13b-hf"],
+    ["qmilora-plan", "--model", "some-org/not-shipped-7b"],
 ]
 
 
@@ -42,10 +45,13 @@ def timed(argv: list[str], env: dict) -> tuple[float, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--only", nargs="*", help="run only the commands starting with these words")
     args = p.parse_args()
     bin_dir = os.path.dirname(sys.executable)
     rows = []
     for command in COMMANDS:
+        if args.only and not any(" ".join(command).startswith(o) for o in args.only):
+            continue
         cache = tempfile.mkdtemp(prefix="qmilora-bench-cli-")
         env = {**os.environ, "QMILORA_CACHE": cache, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
         try:

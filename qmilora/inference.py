@@ -2,8 +2,8 @@
 still the trained model.
 
 On a CPU, bitsandbytes has no fused 4-bit kernel here: every `Linear4bit` dequantizes its whole weight on every
-forward, so decoding one token rebuilds all of a model's weights (measured on the 135M demo: 0.33 s per token of
-which ~90% in `Linear4bit.forward`, `benchmarks/cpu_generate.py`). The trained model is NF4(W_res) + s·B·A, and
+forward, so decoding one token rebuilds all of a model's weights (profiled on the 135M demo: 85% of a decoding step in
+`Linear4bit.forward`). The trained model is NF4(W_res) + s·B·A, and
 the 4-bit layer computes exactly dequantize(NF4(W_res)) · x + s·B·(A·x) in float32. So on a CPU the run is merged
 once at load, `export.as_trained`: each weight becomes dequantize(NF4(W_res)) + s·B·A in float64, cast to float32,
 and the model a plain transformers model. Same function to float32 rounding (tested), and one matmul per layer.

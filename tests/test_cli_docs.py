@@ -132,8 +132,9 @@ def tiny_inputs(argv, model):
 @pytest.mark.slow
 def test_documented_commands_run_as_written_on_tiny_inputs(tiny_llm, tmp_path, monkeypatch):
     """Every documented command runs, in the documentation's order, in one folder holding what a fresh clone holds
-    (a user's session), on the tiny model. Left out: the quick start's demo run (tests/test_demo.py runs it),
-    installs, and launches that need GPUs or several hosts."""
+    (a user's session), on the tiny model. Left out: installs, and launches that need GPUs or several hosts. The
+    quick start's demo run trains the tiny model (tests/test_demo.py runs the real one) into the folder that the
+    lines after it use."""
     import shutil
     import subprocess
     import sys
@@ -144,7 +145,7 @@ def test_documented_commands_run_as_written_on_tiny_inputs(tiny_llm, tmp_path, m
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "TQDM_DISABLE": "1"}
     ran = []
     for argv, comment in doc_lines():
-        if argv[0] in ("python", "pip") or "--output_dir qmilora-demo" in " ".join(argv):
+        if argv[0] in ("python", "pip"):
             continue
         if argv[0] in ("accelerate", "torchrun") and "CPU" not in comment:
             continue  # needs several GPUs or hosts
@@ -158,9 +159,23 @@ def test_documented_commands_run_as_written_on_tiny_inputs(tiny_llm, tmp_path, m
         ran.append(argv[0].rsplit("/", 1)[-1] + (" " + argv[1] if argv[0] == "qmilora" else ""))
     assert {"qmilora-train", "qmilora train", "qmilora-export", "qmilora-generate", "qmilora-eval", "qmilora-plan",
             "qmilora-inspect", "torchrun"} <= set(ran), ran
-    assert (tmp_path / "out-lora" / "adapter_config.json").exists() and (tmp_path / "report").is_dir()
+    assert list(tmp_path.glob("out-*lora*/adapter_config.json")) and (tmp_path / "report").is_dir()
     assert json.load(open(tmp_path / "out-cpu2" / "qmilora.json"))["summary"]["processes"] == 2
     assert json.load(open(tmp_path / "out-recipe" / "qmilora.json"))["data"]["data"] == "examples/chat.jsonl"
+    assert (tmp_path / "qmilora-demo" / "qmilora.json").exists()
+
+
+def test_documented_links_resolve():
+    """Every relative link of README.md and docs/ names a file of the repository."""
+    for page in doc_pages():
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", open(page).read()):
+            if "://" not in target:
+                assert os.path.exists(os.path.normpath(os.path.join(os.path.dirname(page), target))), (page, target)
+
+
+def test_user_docs_name_no_internal_issue_numbers():
+    for page in doc_pages():
+        assert not re.search(r"\bissue \d+|\(issue|issue \d+'s", open(page).read(), re.I), page
 
 
 def test_thread_choice_says_why(monkeypatch):
