@@ -62,6 +62,7 @@ def remember(prog: str, parser: argparse.ArgumentParser) -> None:
         path = _path(prog)
         if os.path.exists(path):
             return
+        os.makedirs(cache_root(), mode=0o700, exist_ok=True)  # private like the rest of the cache
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
