@@ -106,12 +106,14 @@ def main() -> None:
     del four_bit, merged
 
     commands = []
-    for merge in ("false", "true"):
+    # the previous command's behaviour (4-bit layers at every core) through today's knobs, then today's defaults
+    for merge, env in (("false", {"QMILORA_THREADS": str(cores)}), ("false", {}), ("true", {})):
         argv = [os.path.join(bin_dir, "qmilora-generate"), "--adapter", run, "--prompt", "What is 17 + 25?",
                 "--max_new_tokens", str(args.tokens), "--merge_on_cpu", merge]
         t = time.perf_counter()
-        proc = subprocess.run(argv, capture_output=True, text=True)
-        commands.append({"command": " ".join(["qmilora-generate", *argv[1:]]).replace(run, "RUN"),
+        proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env})
+        commands.append({"command": " ".join([*(f"{k}={v}" for k, v in env.items()), "qmilora-generate",
+                                              *argv[1:]]).replace(run, "RUN"),
                          "exit": proc.returncode, "wall_s": round(time.perf_counter() - t, 2),
                          "answer": proc.stdout.strip()})
         print(commands[-1], flush=True)
