@@ -56,7 +56,7 @@ def choose(requested: int | None) -> tuple[int, str]:
         return max(1, cores // siblings), f"{cores} cores shared by the {siblings} processes started on this machine"
     busy = busy_cores()
     return (max(1, min(cores, round(cores - busy + 0.25))),
-            f"{cores} cores minus {busy:g} kept busy by other processes at start")
+            f"{cores} cores, {busy:g} runnable thread{'' if busy == 1 else 's'} of other processes at start")
 
 
 def busy_cores() -> float:

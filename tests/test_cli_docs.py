@@ -183,7 +183,7 @@ def test_thread_choice_says_why(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(cpu, "available_cores", lambda: 4)
     monkeypatch.setattr(cpu, "busy_cores", lambda: 3.0)
-    assert cpu.choose(None) == (1, "4 cores minus 3 kept busy by other processes at start")
+    assert cpu.choose(None) == (1, "4 cores, 3 runnable threads of other processes at start")
     assert cpu.choose(2) == (2, "asked for (--threads)")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert cpu.choose(None) == (2, "4 cores shared by the 2 processes started on this machine")
