@@ -14,6 +14,7 @@ transformers and torch versions, and whether a GPU may be visible (qmilora-train
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -58,22 +59,27 @@ def _path(prog: str) -> str:
 
 def remember(prog: str, parser: argparse.ArgumentParser) -> None:
     """Write `parser`'s table unless it is there already; any failure (read-only home, ...) only costs speed."""
+    tmp = None
     try:
         path = _path(prog)
         if os.path.exists(path):
             return
+        spec = json.dumps(table(parser))
         os.makedirs(cache_root(), mode=0o700, exist_ok=True)  # private like the rest of the cache
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump(table(parser), f)
+            f.write(spec)
         os.replace(tmp, path)
+        tmp = None
         for name in os.listdir(os.path.dirname(path)):  # tables of earlier versions
             if name.startswith(f"{prog}-") and name != os.path.basename(path) and name.endswith(".json"):
                 os.unlink(os.path.join(os.path.dirname(path), name))
-    except (OSError, TypeError, ValueError):
-        pass
+    except Exception:  # noqa: BLE001 - a help cache must never stop a command (argparse internals may change)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def table(parser: argparse.ArgumentParser) -> dict:
@@ -202,8 +208,8 @@ def early(prog: str, argv: list[str]) -> int | None:
         return None
     try:
         parser = _rebuild(prog, spec)
-    except (KeyError, TypeError, ValueError, argparse.ArgumentError):
-        return None  # a table this code cannot read: the real parser decides
+    except Exception:  # noqa: BLE001 - a table this code cannot read: the real parser decides
+        return None
     try:
         _, rest = parser.parse_known_args(argv)
     except _Refused as err:
