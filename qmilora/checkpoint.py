@@ -35,8 +35,18 @@ def resolve(source: str) -> str:
     looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep in path.replace("/", "")
     if looks_local:
         raise QMiLoRAError(f"model directory {source!r} does not exist")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
+    from .configs import _reachable
+
+    try:  # already downloaded: no request at all
+        return snapshot_download(source, allow_patterns=_HUB_FILES, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not (completely) in the Hugging Face cache
+        pass
+    if constants.HF_HUB_OFFLINE or not _reachable(constants.ENDPOINT):
+        # the Hub client would retry for half a minute before failing the same way
+        raise QMiLoRAError(f"model {source!r} is not a local directory nor in the Hugging Face cache, and the Hub "
+                           "cannot be reached; download it first, or pass a checkpoint directory")
     try:
         return snapshot_download(source, allow_patterns=_HUB_FILES)
     except Exception as err:  # offline, unknown id, gated repo: all end the same way for the user

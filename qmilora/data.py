@@ -57,10 +57,9 @@ class DataConfig:
                              "neither (no such file)")
 
 
-def load_rows(cfg: DataConfig):
-    """The raw `datasets.Dataset` for `cfg.data` (the bundled set when None)."""
-    import datasets
-
+def check_file(cfg: DataConfig) -> None:
+    """The checks of a data file that need no tokenizer (it exists, is a file, has a known extension, is not
+    empty): run before anything slow, such as building the demo model."""
     source = cfg.data or BUNDLED
     ext = os.path.splitext(source)[1].lower()
     if os.path.exists(source) or ext in _BUILDERS:
@@ -73,6 +72,16 @@ def load_rows(cfg: DataConfig):
             raise QMiLoRAError(f"data file {source}: unsupported extension {ext or '(none)'}; use one of {', '.join(_BUILDERS)}")
         if os.path.getsize(source) == 0 or (ext in (".json", ".jsonl") and _blank(source)):
             raise QMiLoRAError(f"data file {source} is empty")
+
+
+def load_rows(cfg: DataConfig):
+    """The raw `datasets.Dataset` for `cfg.data` (the bundled set when None)."""
+    import datasets
+
+    source = cfg.data or BUNDLED
+    ext = os.path.splitext(source)[1].lower()
+    if os.path.exists(source) or ext in _BUILDERS:
+        check_file(cfg)
         if _BUILDERS[ext] in ("json", "csv", "text"):
             _check_utf8(source)
         try:

@@ -16,7 +16,7 @@ from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWit
 
 from . import cache, checkpoint, console, cpu, files as qfiles, loss as lm_loss
 from .config import QMiLoRAConfig, QMiLoRAError
-from .data import DataConfig, build_dataset, show_example
+from .data import DataConfig, build_dataset, check_file, show_example
 from .runfolder import ADAPTER_FILE, RESIDUAL, RunFolder
 
 log = logging.getLogger("qmilora")
@@ -201,7 +201,9 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     threads, threads_reason = cpu.choose(qcfg.threads)
     cpu.apply(threads)  # for the whole run: preparation and training
     log.info("qmilora: %d CPU thread%s: %s", threads, "" if threads == 1 else "s", threads_reason)
-    source = run.model if run.model not in (None, "demo") else demo_model_dir(qcfg.cache_dir)
+    check_file(dcfg)  # a wrong --data path, before anything slow
+    with args.main_process_first(local=True, desc="the demo model"):  # built once per node, then read by the others
+        source = run.model if run.model not in (None, "demo") else demo_model_dir(qcfg.cache_dir)
     directory = checkpoint.resolve(source)
     files = checkpoint.shard_files(directory)
     resume = folder.resolve_resume(args.resume_from_checkpoint)

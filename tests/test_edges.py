@@ -449,3 +449,24 @@ def test_packing_keeps_examples_apart(tiny_ckpt):
 
     with pytest.raises(QMiLoRAError, match="lets packed examples attend to each other"):
         check_packing_isolates(model, mixing, rows)
+
+
+def test_an_unreachable_hub_id_fails_at_once(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    t0 = time.perf_counter()
+    with pytest.raises(QMiLoRAError, match="the Hub cannot be reached"):
+        checkpoint.resolve("no-such-org/no-such-model")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_a_wrong_data_path_is_refused_before_the_demo_model_is_built(tmp_path, capsys, monkeypatch):
+    from qmilora import demo
+
+    monkeypatch.setattr(demo, "demo_model_dir", lambda *a, **k: pytest.fail("the demo model was built first"))
+    assert train_main(["--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache"),
+                       "--data", str(tmp_path / "missing.jsonl")]) == 1
+    assert "missing.jsonl does not exist" in error_line(capsys)
