@@ -360,6 +360,8 @@ def fresh_output(path: str, overwrite: bool, flag: str = "--overwrite") -> None:
     and must hold only what qmilora wrote there."""
     if os.path.lexists(path) and not os.path.isdir(path):
         raise QMiLoRAError(f"output {path} is a file, not a directory")
+    if os.path.realpath(path) in (os.path.realpath(os.getcwd()), os.sep):
+        raise QMiLoRAError(f"output {path} is the current folder (or /); name a new folder for it")
     if os.path.isdir(path) and os.listdir(path):
         if not overwrite:
             raise QMiLoRAError(f"output {path} exists and is not empty; pass {flag} to replace it")

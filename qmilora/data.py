@@ -66,8 +66,10 @@ def check_file(cfg: DataConfig) -> None:
         if os.path.isdir(source):
             raise QMiLoRAError(f"--data {source} is a folder; pass one data file (.json, .jsonl, .csv, .parquet or "
                                ".txt) or a datasets name")
-        if not os.path.isfile(source):
+        if not os.path.exists(source):
             raise QMiLoRAError(f"data file {source} does not exist")
+        if not os.path.isfile(source):
+            raise QMiLoRAError(f"data file {source} is not a regular file (a pipe or device); pass a file")
         if ext not in _BUILDERS:
             raise QMiLoRAError(f"data file {source}: unsupported extension {ext or '(none)'}; use one of {', '.join(_BUILDERS)}")
         if os.path.getsize(source) == 0 or (ext in (".json", ".jsonl") and _blank(source)):
@@ -85,7 +87,10 @@ def load_rows(cfg: DataConfig):
         if _BUILDERS[ext] in ("json", "csv", "text"):
             _check_utf8(source)
         try:
-            rows = datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train")
+            # datasets reuses its converted copy of a file by path, size and mtime: a file rewritten in place within
+            # the same second, or with its mtime kept, would train on the old rows
+            rows = datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train",
+                                         download_mode="force_redownload")
         except Exception as err:
             raise QMiLoRAError(f"data file {source} could not be read as {ext[1:]}: {_first_line(err)}") from None
     else:

@@ -64,8 +64,8 @@ def make_temporary(parent: str, name: str) -> str:
     """A new private directory in `parent` for building `name`, marked as this process's temporary."""
     tmp = tempfile.mkdtemp(prefix=f".{name}.qmilora-", dir=parent)
     fd = os.open(os.path.join(tmp, MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+    with os.fdopen(fd, "w") as f:  # its own name too: a temporary renamed (to rescue it) is no longer one
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "name": os.path.basename(tmp)}, f)
     return tmp
 
 
@@ -83,7 +83,8 @@ def open_new(path: str, mode: int = 0o666):
 def write_atomic(path: str, data: bytes, private: bool = False) -> None:
     """Write a file in a fresh temporary beside it, then rename it into place (a symlink at `path` is replaced,
     never written through)."""
-    parent = os.path.dirname(os.path.abspath(path))
+    path = real_target(path)
+    parent = os.path.dirname(path)
     tmp = make_temporary(parent, os.path.basename(path))
     try:
         staged = os.path.join(tmp, "data")
@@ -103,7 +104,8 @@ def atomic_dir(target: str, overwrite: bool = False, private: bool = False):
     the same folder removes such leftovers of processes that are no longer running. `overwrite` replaces an existing
     `target` whole: the caller has checked that it holds only what qmilora wrote there.
     """
-    parent = os.path.dirname(os.path.abspath(target)) or "."
+    target = real_target(target)
+    parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     remove_stale_temporaries(parent)
     tmp = make_temporary(parent, os.path.basename(target))
@@ -124,6 +126,16 @@ def atomic_dir(target: str, overwrite: bool = False, private: bool = False):
         raise
 
 
+def real_target(path: str) -> str:
+    """Where `path` lands once the kernel resolves it: its folder with symlinks resolved (`link/../x` is not
+    `./x` when `link` points elsewhere), so that temporaries are made beside the real target."""
+    path = os.path.expanduser(path).rstrip(os.sep) or os.sep
+    head, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        return os.path.realpath(path)
+    return os.path.join(os.path.realpath(head or "."), name)
+
+
 def remove_stale_temporaries(parent: str) -> list[str]:
     """Remove this user's marked temporaries in `parent` whose process (on this host) has ended: a killed write's
     half-written output, up to a whole merged model. Returns what was removed."""
@@ -138,12 +150,14 @@ def remove_stale_temporaries(parent: str) -> list[str]:
         try:
             st = os.lstat(path)
             marker = os.path.join(path, MARKER)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or not os.path.isfile(marker) \
-                    or os.path.islink(marker):
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            mst = os.lstat(marker)  # written by this user, as a file, naming this very folder
+            if not stat.S_ISREG(mst.st_mode) or mst.st_uid != os.geteuid():
                 continue
             with open(marker) as f:
                 owner = json.load(f)
-            if owner.get("host") != host or _alive(int(owner["pid"])):
+            if owner.get("name") != entry or owner.get("host") != host or _alive(int(owner["pid"])):
                 continue
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -173,6 +187,9 @@ def check_private(path: str, what: str) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISLNK(st.st_mode):
+        if st.st_uid != os.geteuid():
+            raise QMiLoRAError(f"{what} {path} is a symlink another user (uid {st.st_uid}) made; use a folder of "
+                               "your own")
         st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise QMiLoRAError(f"{what} {path} is not a directory; point it at a folder of your own")
@@ -182,6 +199,25 @@ def check_private(path: str, what: str) -> None:
     if st.st_mode & 0o022:
         raise QMiLoRAError(f"{what} {path} can be written by other users (mode {stat.S_IMODE(st.st_mode):o}); run "
                            f"chmod go-w {path}, or use a folder of your own")
+
+
+def check_own_output(path: str, what: str) -> None:
+    """Refuse an existing output folder that another account owns or that everyone may write (a folder pre-made in
+    /tmp by someone else): its owner could swap links into it while qmilora writes. Group-writable is the user's
+    choice (umask 002) and is kept."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode) and st.st_uid != os.geteuid():
+        raise QMiLoRAError(f"{what} {path} is a symlink another user (uid {st.st_uid}) made; write to a folder of "
+                           "your own")
+    st = os.stat(path)
+    if st.st_uid != os.geteuid():
+        raise QMiLoRAError(f"{what} {path} belongs to another user (uid {st.st_uid}); write to a folder of your own")
+    if st.st_mode & 0o002:
+        raise QMiLoRAError(f"{what} {path} can be written by every user (mode {stat.S_IMODE(st.st_mode):o}); run "
+                           f"chmod o-w {path}, or write to a folder of your own")
 
 
 def private_dir(path: str, what: str) -> str:

@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import time
 
 from . import checkpoint, files
 from .config import QMiLoRAError
@@ -37,6 +38,11 @@ META, INITIAL, COMPLETE, STARTED, LOCK = "qmilora.json", "initial_adapter", ".co
 ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 RESIDUAL = "residual_adapter"  # the adapter as trained, for the NF4 residual base (the top-level one: original base)
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+# what the final write puts at the top of a run folder (besides what it recorded earlier): a file of the user's under
+# one of these names is refused before training, not after it
+FINAL_NAMES = {ADAPTER_FILE, ADAPTER_CONFIG, "README.md", "loss.png", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt",
+               "added_tokens.json", "residual_adapter"}
 
 
 class RunFolder:
@@ -74,6 +80,15 @@ class RunFolder:
         for rel in (ADAPTER_FILE, ADAPTER_CONFIG, os.path.join(INITIAL, ADAPTER_FILE)):
             if not os.path.isfile(os.path.join(self.path, rel)):
                 raise QMiLoRAError(f"{self.path} lacks {rel}")
+        for key in ("source", "qmilora", "recipe", "data"):
+            if not isinstance(meta.get(key), dict):
+                raise QMiLoRAError(f"{self.meta_path} lacks its {key!r} record: it was edited or damaged; train again")
+        recorded = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+        changed = [rel for rel, rec in recorded.items() if _plain_relative(rel)
+                   and not files.matches(os.path.join(self.path, rel), rec)]
+        if changed:
+            raise QMiLoRAError(f"{self.path}: {', '.join(sorted(changed)[:3])} changed since the run wrote it (its "
+                               "size or sha256 differs from the run record); restore it, or train again")
         return meta
 
     def residual_adapter(self) -> str:
@@ -154,15 +169,14 @@ class RunFolder:
                     found.append(name)
                     continue
                 complete = not _CHECKPOINT.match(name) or self.checkpoint_record(name) is not None
-                if not complete and not os.path.isfile(os.path.join(path, STARTED)):
-                    found.append(name + os.sep)  # a checkpoint-N that no qmilora run started
+                if not complete:  # no qmilora run started it, or its save was cut short: not ours to judge
+                    found.append(name + os.sep + (" (cut short while being saved: remove it)"
+                                                  if os.path.isfile(os.path.join(path, STARTED)) else ""))
                     continue
                 ours = {rel.split(os.sep, 1)[1]: rec for rel, rec in recorded.items() if rel.startswith(name + os.sep)}
-                skip = (COMPLETE, STARTED) if complete else None
-                if complete:
-                    found += [os.path.join(name, rel) for rel in files.foreign(path, ours, skip=skip)]
-                else:  # a save a killed run left half-written: every file in it is Trainer's, but no link
-                    found += [os.path.join(name, rel) for rel in _links(path)]
+                found += [os.path.join(name, rel) for rel in files.foreign(path, ours, skip=(COMPLETE, STARTED))]
+            elif name in FINAL_NAMES and name not in recorded:
+                found.append(name)  # the final files would have to replace it, after all the training
         return found
 
     # --- writing -------------------------------------------------------------------------------------------------
@@ -173,6 +187,7 @@ class RunFolder:
         checkpoint.check_writable(self.path)
         if not os.path.isdir(self.path):
             return
+        files.check_own_output(self.path, "--output_dir")
         files.remove_stale_temporaries(self.path)
         entries = [n for n in os.listdir(self.path) if n != LOCK]
         if not entries:
@@ -209,6 +224,7 @@ class RunFolder:
         if os.path.lexists(self.path) and not os.path.isdir(self.path):
             raise QMiLoRAError(f"--output_dir {self.path} is a file, not a directory")
         checkpoint.check_writable(self.path)
+        files.check_own_output(self.path, "--output_dir")
         made = not os.path.isdir(self.path)
         os.makedirs(self.path, exist_ok=True)
         path = os.path.join(self.path, LOCK)
@@ -220,8 +236,12 @@ class RunFolder:
                 break
             except FileExistsError:
                 holder = _read_json(path)
-                if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
-                        and not files._alive(holder["pid"]):
+                dead = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
+                    and not files._alive(holder["pid"])
+                # a lock without its pid: its writer was killed between creating and filling it (or is just now
+                # filling it: only an old one is stale)
+                unfinished = not holder and time.time() - _mtime(path) > 10
+                if dead or unfinished:
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(path)  # the process that held it has ended
                     continue
@@ -255,7 +275,7 @@ class RunFolder:
         longer = {k: [was[k], now[k]] for k in changed if k in _LONGER and _longer(k, was, now)}
         changed = [k for k in changed if k not in longer]
         if changed:
-            diff = "; ".join(f"{k}: {_short(was.get(k))} -> {_short(now.get(k))}" for k in changed[:6])
+            diff = "; ".join(_change(k, was.get(k), now.get(k)) for k in changed[:6])
             more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
             raise QMiLoRAError(f"cannot resume from {checkpoint_dir}: a resume continues the recorded recipe, and "
                                f"this run changes {diff}{more}; drop those flags (only training longer is allowed), "
@@ -267,6 +287,8 @@ class RunFolder:
         everything it would remove is qmilora's)."""
         os.makedirs(self.path, exist_ok=True)
         old = self.meta() or {}
+        if resume and meta.get("resumed_from"):
+            self.drop_checkpoints_after(int(_CHECKPOINT.match(os.path.basename(os.path.normpath(meta["resumed_from"])))[1]))
         if not resume:
             for name in self.checkpoints():
                 if self.checkpoint_record(name) is None and os.path.isfile(os.path.join(self.path, name, STARTED)):
@@ -306,14 +328,49 @@ class RunFolder:
     def start_checkpoint(self, step: int) -> None:
         """Mark checkpoint-N as this run's before Trainer writes into it, so that a save cut short is known as ours."""
         path = os.path.join(self.path, f"checkpoint-{step}")
+        if os.path.islink(path):
+            raise QMiLoRAError(f"{path} became a symlink during the run; stopped (nothing is written through links)")
         os.makedirs(path, exist_ok=True)
         if not os.path.exists(os.path.join(path, STARTED)):
             files.write_atomic(os.path.join(path, STARTED), json.dumps({"pid": os.getpid()}).encode())
+
+    def remove_checkpoint(self, name: str) -> None:
+        """A complete checkpoint's recorded files, then its markers and folder (kept if a file of the user's is in
+        it, which the next run then refuses to touch)."""
+        path = os.path.join(self.path, name)
+        files.remove_recorded(path, self.checkpoint_record(name) or {})
+        for marker in (COMPLETE, STARTED):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(path, marker))
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+    def drop_checkpoints_after(self, step: int) -> None:
+        """On a resume, the checkpoints after the one resumed from belong to the abandoned continuation. Trainer
+        would write the new ones into the same files in place, through any hard link a user made to back them up:
+        their files are removed first, so the new ones are new files."""
+        for name in self.checkpoints():
+            if int(_CHECKPOINT.match(name)[1]) > step and self.checkpoint_record(name) is not None:
+                self.remove_checkpoint(name)
+
+    def rotate(self, limit: int | None, keep: str | None = None) -> None:
+        """Keep the newest `limit` complete checkpoints (and `keep`, Trainer's best one). Trainer's own rotation
+        deletes whole folders, a file a user put into one included; this removes only what each one recorded."""
+        if not limit or limit < 1:
+            return
+        done = sorted((n for n in self.checkpoints() if self.checkpoint_record(n) is not None),
+                      key=lambda n: int(_CHECKPOINT.match(n)[1]))
+        kept = set(done[-limit:]) | ({os.path.basename(os.path.normpath(keep))} if keep else set())
+        for name in done:
+            if name not in kept:
+                self.remove_checkpoint(name)
 
     def mark_complete_checkpoint(self, step: int) -> None:
         """Record a checkpoint Trainer has written in full: its files, sizes and digests (what a later run may
         remove, and what makes it resumable); its files get the user's normal permissions."""
         path = os.path.join(self.path, f"checkpoint-{step}")
+        if os.path.islink(path) or _links(path):
+            raise QMiLoRAError(f"{path} holds a symlink now; stopped (nothing is written or changed through links)")
         if os.path.isdir(path):
             files.set_modes(path)
             record = files.manifest(path, skip=(COMPLETE, STARTED))
@@ -326,14 +383,14 @@ class RunFolder:
         recorded = (self.meta() or {}).get("files") or {}
         tmp = files.make_temporary(self.path, "final")
         try:
-            write_files(tmp)
-            os.remove(os.path.join(tmp, files.MARKER))
+            write_files(tmp)  # the marker stays until the end: a write killed midway is cleaned up next time
             files.set_modes(tmp)
-            written = files.manifest(tmp)
-            names = sorted(os.listdir(tmp))
+            written = files.manifest(tmp, skip=(files.MARKER,))
+            names = sorted(n for n in os.listdir(tmp) if n != files.MARKER)
             foreign = [n for n in names if os.path.lexists(os.path.join(self.path, n)) and _not_ours(self.path, n, recorded)]
             if foreign:  # someone put these here while the run trained: never replace them
                 kept = os.path.join(self.path, f"final-outputs-{os.getpid()}")
+                os.remove(os.path.join(tmp, files.MARKER))
                 os.rename(tmp, kept)
                 raise QMiLoRAError(f"{self.path} now holds {', '.join(foreign)}, which this run did not write; it "
                                    f"replaced nothing: the trained adapter and the other final files are in {kept} "
@@ -398,6 +455,13 @@ def _plain_relative(rel) -> bool:
     return isinstance(rel, str) and rel != "" and not os.path.isabs(rel) and ".." not in rel.split(os.sep)
 
 
+def _mtime(path: str) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return time.time()
+
+
 def _read_json(path: str) -> dict:
     try:
         with open(path) as f:
@@ -410,6 +474,15 @@ def _read_json(path: str) -> dict:
 def _plain(value):
     """`value` as it reads back from qmilora.json (tuples become lists, other objects their text)."""
     return json.loads(json.dumps(value, default=str))
+
+
+def _change(key: str, was, now) -> str:
+    if isinstance(was, list) and isinstance(now, list) and all(isinstance(x, list) and len(x) == 2 for x in was + now):
+        # [name, digest] pairs (the tokenizer's files): name the files that differ
+        a, b = dict(map(tuple, was)), dict(map(tuple, now))
+        names = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+        return f"{key}: {', '.join(names)} differ"
+    return f"{key}: {_short(was)} -> {_short(now)}"
 
 
 def _short(value) -> str:

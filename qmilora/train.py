@@ -55,8 +55,8 @@ def training_defaults() -> dict:
 class _Progress(TrainerCallback):
     """Marks each checkpoint complete once Trainer has fully written it (transformers logs tokens/s itself)."""
 
-    def __init__(self, folder: RunFolder):
-        self.folder = folder
+    def __init__(self, folder: RunFolder, keep: int | None = None):
+        self.folder, self.keep = folder, keep
         self.start = time.perf_counter()
         self.tokens_at_start = None
 
@@ -75,6 +75,7 @@ class _Progress(TrainerCallback):
             PartialState().wait_for_everyone()
         if state.is_world_process_zero:
             self.folder.mark_complete_checkpoint(state.global_step)
+            self.folder.rotate(self.keep, state.best_model_checkpoint)
 
 
 class _Trainer(Trainer):
@@ -201,7 +202,12 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     threads, threads_reason = cpu.choose(qcfg.threads)
     cpu.apply(threads)  # for the whole run: preparation and training
     log.info("qmilora: %d CPU thread%s: %s", threads, "" if threads == 1 else "s", threads_reason)
+    if run.overwrite_output_dir and args.resume_from_checkpoint not in (None, "", "false", "False"):
+        raise QMiLoRAError("--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir "
+                           "replaces it: pass one of them")
+    _absolute_paths(dcfg)  # a run record names files another working directory finds too
     check_file(dcfg)  # a wrong --data path, before anything slow
+    cache.memo(qcfg.resolved_cache_dir)  # a cache refused before anything is written
     with args.main_process_first(local=True, desc="the demo model"):  # built once per node, then read by the others
         source = run.model if run.model not in (None, "demo") else demo_model_dir(qcfg.cache_dir)
     directory = checkpoint.resolve(source)
@@ -233,6 +239,8 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     if resume and main:
         longer = folder.check_resume(resume, checkpoint.identity(directory, files, cache.memo(qcfg.resolved_cache_dir)),
                                      recipe, again)
+    if resume:
+        check_not_finished(resume, args)
         for key, (was, now) in longer.items():
             log.warning("qmilora: training longer than recorded (%s %s -> %s); the learning-rate schedule now spans "
                         "the new length from the step it resumes at", key.split(".")[1], was, now)
@@ -252,7 +260,9 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     if main:
         folder.write_initial(model)
         folder.update(source=meta["source"], state="training")
-    progress = _Progress(folder)
+    # checkpoints are rotated by the run folder, which removes only their recorded files (Trainer deletes folders)
+    keep, args.save_total_limit = args.save_total_limit, None
+    progress = _Progress(folder, keep)
     if dcfg.packing:  # one row per batch, no padding; the model separates the examples by their position ids
         collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
         check_packing_isolates(model, collator, train_set)
@@ -307,6 +317,29 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
 
         PartialState().wait_for_everyone()  # the run is over for every process once its outputs exist
     return model, summary
+
+
+def _absolute_paths(dcfg: DataConfig) -> None:
+    for name in ("data", "chat_template"):
+        value = getattr(dcfg, name)
+        if value and os.path.exists(os.path.expanduser(value)):
+            setattr(dcfg, name, os.path.abspath(os.path.expanduser(value)))
+
+
+def check_not_finished(checkpoint_dir: str, args: TrainingArguments) -> None:
+    """A resume that would train nothing new: Trainer would run one step past the end and call the run complete."""
+    try:
+        with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return
+    step, epoch = state.get("global_step", 0), state.get("epoch", 0) or 0
+    if args.max_steps > 0 and step >= args.max_steps:
+        raise QMiLoRAError(f"{checkpoint_dir} is at step {step}, and --max_steps is {args.max_steps}: there is nothing "
+                           "left to train; pass a larger --max_steps to train longer")
+    if args.max_steps <= 0 and epoch >= args.num_train_epochs:
+        raise QMiLoRAError(f"{checkpoint_dir} has trained {epoch:g} epochs of --num_train_epochs "
+                           f"{args.num_train_epochs:g}: there is nothing left to train; pass more epochs to train longer")
 
 
 def check_packing_isolates(model, collator, train_set) -> None:
@@ -380,6 +413,9 @@ def resume_recipe(run: RunConfig, dcfg: DataConfig, args: TrainingArguments, dir
     the data (its settings and the content of a data file), and the tokenizer (its files' content)."""
     training = {f"training.{k}": v for k, v in args.to_dict().items() if k not in _RESUMABLE}
     data = {f"data.{k}": v for k, v in asdict(dcfg).items()}
+    template = os.path.expanduser(dcfg.chat_template or "")
+    if os.path.isfile(template):
+        data["data.chat_template.sha256"] = checkpoint.file_digest(template)
     path = os.path.expanduser(dcfg.data) if dcfg.data else None
     if path and os.path.isfile(path):
         data["data.sha256"] = checkpoint.file_digest(path)

@@ -470,3 +470,153 @@ def test_a_wrong_data_path_is_refused_before_the_demo_model_is_built(tmp_path, c
     assert train_main(["--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache"),
                        "--data", str(tmp_path / "missing.jsonl")]) == 1
     assert "missing.jsonl does not exist" in error_line(capsys)
+
+
+# --- a second hostile audit's findings ---------------------------------------------------------------------------------------
+def test_only_qmilora_temporaries_of_this_user_are_cleaned(tmp_path):
+    team = tmp_path / "team"
+    team.mkdir()
+    (team / "results.txt").write_text("keep")
+    marker = {"pid": DEAD, "host": socket.gethostname(), "name": "team"}
+    (team / files.MARKER).write_text(json.dumps(marker))
+    if os.geteuid() == 0:  # a marker planted by another account in a folder of the user's
+        os.chown(team / files.MARKER, 12345, 12345)
+    rescued = files.make_temporary(str(tmp_path), "export")
+    json.dump({"pid": DEAD, "host": socket.gethostname(), "name": os.path.basename(rescued)},
+              open(os.path.join(rescued, files.MARKER), "w"))
+    os.rename(rescued, tmp_path / "rescued")  # the user renamed a leftover to keep it
+    with files.atomic_dir(str(tmp_path / "out")):
+        pass
+    assert (team / "results.txt").read_text() == "keep" and (tmp_path / "rescued").is_dir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a folder to another account needs root")
+def test_an_output_folder_another_account_owns_or_all_may_write_is_refused(tiny_llm, tmp_path, capsys):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 12345, 12345)
+    assert train_main(argv(tiny_llm, theirs, str(tmp_path / "cache"))) == 1
+    assert "belongs to another user" in error_line(capsys)
+    everyone = tmp_path / "everyone"
+    everyone.mkdir()
+    os.chmod(everyone, 0o777)
+    assert train_main(argv(tiny_llm, everyone, str(tmp_path / "cache"))) == 1
+    assert "can be written by every user" in error_line(capsys)
+    assert os.listdir(theirs) == [] and os.listdir(everyone) == []
+
+
+def test_a_checkpoint_cut_short_is_never_emptied(trained, tiny_llm, tmp_path, capsys):
+    run, cache = copy_run(trained, tmp_path)
+    os.remove(run / "checkpoint-2" / ".complete")
+    (run / "checkpoint-2" / "notes.txt").write_text("mine")
+    assert train_main(argv(tiny_llm, run, cache, "--overwrite_output_dir", "true")) == 1
+    assert "cut short while being saved" in error_line(capsys)
+    assert (run / "checkpoint-2" / "notes.txt").read_text() == "mine"
+
+
+def test_rotation_removes_only_recorded_checkpoint_files(tiny_llm, tmp_path):
+    from qmilora import train as qtrain
+
+    run = tmp_path / "run"
+    real = qtrain.RunFolder.rotate
+
+    def user_writes_into_the_first_checkpoint(self, limit, keep=None):
+        if (run / "checkpoint-1" / ".complete").exists() and not (run / "checkpoint-1" / "notes.txt").exists():
+            (run / "checkpoint-1" / "notes.txt").write_text("mine")
+        return real(self, limit, keep)
+
+    qtrain.RunFolder.rotate = user_writes_into_the_first_checkpoint
+    try:
+        assert train_main(argv(tiny_llm, run, str(tmp_path / "cache"), "--max_steps", "4",
+                               "--save_total_limit", "1")) == 0
+    finally:
+        qtrain.RunFolder.rotate = real
+    assert (run / "checkpoint-1" / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(run / "checkpoint-1")) == ["notes.txt"]  # its recorded files went
+    assert not (run / "checkpoint-2").exists() and (run / "checkpoint-4" / ".complete").exists()
+
+
+def test_a_resume_never_rewrites_a_later_checkpoint_in_place(tiny_llm, tmp_path):
+    run, cache = tmp_path / "run", str(tmp_path / "cache")
+    assert train_main(argv(tiny_llm, run, cache, "--max_steps", "3", "--save_total_limit", "5")) == 0
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for name in os.listdir(run / "checkpoint-3"):
+        os.link(run / "checkpoint-3" / name, backup / name)  # `cp -al`
+    before = tree(backup)
+    assert train_main(argv(tiny_llm, run, cache, "--max_steps", "3", "--save_total_limit", "5",
+                           "--resume_from_checkpoint", str(run / "checkpoint-1"))) == 0
+    assert tree(backup) == before and (run / "checkpoint-3" / ".complete").exists()
+
+
+def test_resuming_a_finished_run_or_a_changed_template_is_refused(trained, tiny_llm, tmp_path, capsys):
+    run, cache = copy_run(trained, tmp_path)
+    assert train_main(argv(tiny_llm, run, cache, "--resume_from_checkpoint", "true")) == 1
+    assert "nothing left to train" in error_line(capsys)
+    assert train_main(argv(tiny_llm, run, cache, "--resume_from_checkpoint", "true",
+                           "--overwrite_output_dir", "true")) == 1
+    assert "pass one of them" in error_line(capsys)
+    template = tmp_path / "t.jinja"
+    template.write_text(open(os.path.join(tiny_llm, "chat_template.jinja")).read())
+    out = tmp_path / "t"
+    assert train_main(argv(tiny_llm, out, cache, "--chat_template", str(template))) == 0
+    template.write_text(template.read_text().replace("<|", "[").replace("|>", "]"))
+    assert train_main(argv(tiny_llm, out, cache, "--chat_template", str(template), "--max_steps", "3",
+                           "--resume_from_checkpoint", "true")) == 1
+    assert "data.chat_template.sha256" in error_line(capsys)
+
+
+def test_run_records_hold_absolute_data_paths(tiny_llm, tmp_path, monkeypatch):
+    from qmilora.data import BUNDLED
+
+    (tmp_path / "d").mkdir()
+    shutil.copy(BUNDLED, tmp_path / "d" / "a.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert train_main(argv(tiny_llm, tmp_path / "run", str(tmp_path / "cache"), "--data", "d/a.jsonl",
+                           "--max_steps", "1")) == 0
+    assert json.load(open(tmp_path / "run" / "qmilora.json"))["data"]["data"] == str(tmp_path / "d" / "a.jsonl")
+
+
+def test_temporaries_are_made_beside_the_real_target(tmp_path):
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    (tmp_path / "tiny").mkdir()
+    os.symlink(tmp_path / "elsewhere" / "sub", tmp_path / "x")
+    seen = []
+    with files.atomic_dir(str(tmp_path / "x" / ".." / "tiny" / "e")) as tmp:
+        seen.append(os.path.dirname(tmp))
+    assert seen == [str(tmp_path / "elsewhere" / "tiny")] and (tmp_path / "elsewhere" / "tiny" / "e").is_dir()
+    assert os.listdir(tmp_path / "tiny") == []
+
+
+def test_a_refused_cache_writes_nothing_into_the_output(tiny_llm, tmp_path, capsys):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    assert train_main(argv(tiny_llm, tmp_path / "run", str(shared))) == 1
+    assert "can be written by other users" in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_old_lock_is_taken_over(tiny_llm, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".qmilora.lock").write_text("")
+    os.utime(run / ".qmilora.lock", (1, 1))
+    assert train_main(argv(tiny_llm, run, str(tmp_path / "cache"), "--max_steps", "1")) == 0
+
+
+def test_a_changed_run_file_is_refused_by_export_and_eval(trained, tmp_path, capsys):
+    run, _ = copy_run(trained, tmp_path)
+    with open(run / "initial_adapter" / "adapter_model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\1")
+    assert export_main(["--adapter", str(run), "--to", "original-lora", "--output", str(tmp_path / "e")]) == 1
+    assert "changed since the run wrote it" in error_line(capsys, "qmilora-export")
+
+
+def test_the_current_folder_is_no_output(trained, tmp_path, capsys, monkeypatch):
+    run, _ = trained
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert export_main(["--adapter", run, "--to", "original-lora", "--output", "."]) == 1
+    assert "is the current folder" in error_line(capsys, "qmilora-export")

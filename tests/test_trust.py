@@ -220,7 +220,7 @@ def test_leftovers_of_killed_writes_are_removed_by_marker_not_by_name(tmp_path):
     dead = 2**22 + 12345  # above the default pid_max: no such process
     stale = files.make_temporary(str(tmp_path), "merged")
     with open(os.path.join(stale, files.MARKER), "w") as f:
-        json.dump({"pid": dead, "host": __import__("socket").gethostname()}, f)
+        json.dump({"pid": dead, "host": __import__("socket").gethostname(), "name": os.path.basename(stale)}, f)
     (tmp_path / "x").write_text("")
     alive = files.make_temporary(str(tmp_path), "merged")  # this process's: still being written
     # a user's files whose names look like old-style temporaries are not qmilora's

@@ -54,14 +54,20 @@ def _known(err: Exception) -> str | None:
     import errno
     import pickle
 
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = f" writing {err.filename}" if err.filename else ""
+    no_space = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if no_space or "No space left on device" in str(err) or "os error 28" in str(err):  # safetensors' Rust errors too
+        where = f" writing {err.filename}" if getattr(err, "filename", None) else ""
         return (f"no space left on the device{where}; free some space (a training run then resumes from its last "
                 "complete checkpoint with --resume_from_checkpoint true)")
     if isinstance(err, pickle.UnpicklingError):
         return (f"torch refused to unpickle a checkpoint file ({str(err).splitlines()[0][:160]}): it holds objects "
                 "that safe loading does not allow, so it was not written by this training setup; resume from "
                 "another checkpoint, or start a new run")
+    if type(err).__name__ == "SafetensorError":
+        return (f"a .safetensors file is damaged or truncated ({str(err).splitlines()[0][:160]}); restore it from "
+                "where it came from, or write it again")
+    if type(err).__name__.endswith("ValidationError"):  # transformers' strict config classes
+        return f"the model's config.json is invalid: {str(err).splitlines()[0][:200]}"
     if type(err).__module__.startswith("jinja2") and type(err).__name__ == "SecurityError":
         return (f"the chat template tried something the template sandbox forbids ({err}); fix the template "
                 "(--chat_template) or render without one")
