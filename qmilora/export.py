@@ -312,10 +312,10 @@ def to_original_merged(adapter_dir: str, output: str, model: str | None = None, 
             del tensors
         if delta:
             raise QMiLoRAError(f"the checkpoint lacks weights for adapter layers, e.g. {next(iter(delta))}")
+        _copy_tokenizer(adapter_dir, tmp)  # the run's tokenizer first: the one it trained with, not --model's
         for name in os.listdir(directory):
             if name.endswith(".json") and not os.path.exists(os.path.join(tmp, name)):
                 shutil.copy2(os.path.join(directory, name), tmp)
-        _copy_tokenizer(adapter_dir, tmp)
         report = measure(adapter_dir, meta, "original-merged", lambda: _plain(tmp, meta), measure_rows, model=model)
         cards.write(tmp, "original-merged", meta, report,
                     correction=_correction_note(correction_rank, calibration_rows))

@@ -620,3 +620,17 @@ def test_the_current_folder_is_no_output(trained, tmp_path, capsys, monkeypatch)
     monkeypatch.chdir(tmp_path / "here")
     assert export_main(["--adapter", run, "--to", "original-lora", "--output", "."]) == 1
     assert "is the current folder" in error_line(capsys, "qmilora-export")
+
+
+def test_an_export_ships_the_runs_tokenizer_not_the_models(trained, tiny_llm, tmp_path):
+    run, _ = trained
+    other = tmp_path / "same-weights"
+    shutil.copytree(tiny_llm, other)
+    cfg = json.load(open(other / "tokenizer_config.json"))
+    cfg["model_max_length"] = 77
+    json.dump(cfg, open(other / "tokenizer_config.json", "w"))
+    out = tmp_path / "merged"
+    assert export_main(["--adapter", run, "--to", "original-merged", "--model", str(other), "--output", str(out),
+                        "--measure_rows", "0"]) == 0
+    assert json.load(open(out / "tokenizer_config.json")) == json.load(open(os.path.join(run,
+                                                                                         "tokenizer_config.json")))
