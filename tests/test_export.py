@@ -297,3 +297,18 @@ def test_push_to_hub_is_refused_before_any_work(tiny_llm, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert "--push_to_hub would upload the residual-form adapter" in err[-1] and err[-1].startswith("qmilora-train: ")
     assert not (tmp_path / "run").exists()
+
+
+def test_prepared_model_names_its_residual_base(tiny_llm, tmp_path):
+    """The Python API too: save_pretrained of a prepared model writes an adapter that names the residual base, not
+    the original checkpoint it was prepared from (and AutoPeftModel refuses it)."""
+    from peft import AutoPeftModelForCausalLM
+
+    from qmilora import prepare_model
+
+    model = prepare_model(tiny_llm, rank=4, cache_dir=str(tmp_path / "c"))
+    model.save_pretrained(tmp_path / "a")
+    name = json.load(open(tmp_path / "a" / "adapter_config.json"))["base_model_name_or_path"]
+    assert name == f"qmilora residual base NF4(W - s*B0*A0) of {tiny_llm}, built only by qmilora.train.load_trained"
+    with pytest.raises((OSError, ValueError), match="qmilora residual base"):
+        AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "a"))
