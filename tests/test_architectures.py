@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from qmilora import QMiLoRAError, prepare_model
 from qmilora.interop import is_conv1d, lora_layers
-from qmilora.quantize import dequantize, round_trip
+from qmilora.quantize import dequantize, keep_training_layout, round_trip
 
 from conftest import tiny_tokenizer, train_and_export
 
@@ -71,6 +71,9 @@ def check_family(family, directory, ref, cache):
                                                      load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                      bnb_4bit_use_double_quant=True,
                                                      bnb_4bit_compute_dtype=torch.float32))
+    # bitsandbytes' AVX512-BF16 inference repack (taken by a no-grad eval forward) asserts on some shapes (Falcon-Mamba's
+    # x_proj); the baseline is the same NF4 weights through the plain dequantizing path
+    keep_training_layout(qlora)
     with torch.no_grad():
         ours, theirs = rel(model(input_ids=IDS).logits, expected), rel(qlora(IDS).logits, expected)
     assert ours < 1.25 * theirs or (theirs == 0 and ours < 0.3), (family, ours, theirs)
