@@ -185,6 +185,8 @@ def build_dataset(cfg: DataConfig, tokenizer):
 def apply_template(tokenizer, cfg: DataConfig) -> None:
     """Set on `tokenizer` the chat template `cfg` asks for (see the module docstring). Applying it again to a
     tokenizer it was applied to changes nothing, so a run's saved tokenizer renders as in training."""
+    if isinstance(tokenizer.chat_template, dict):  # named templates (tool use, ...): rows render with the default
+        tokenizer.chat_template = tokenizer.chat_template.get("default")
     if cfg.chat_template == "none":
         tokenizer.chat_template = None
     elif cfg.chat_template != "model":
