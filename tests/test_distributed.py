@@ -27,7 +27,8 @@ def torchrun(args, tmp_path, **env):
                           env={**os.environ, "DIGEST_DIR": str(digests), **env})
 
 
-def adapter(out, name="adapter_model.safetensors"):
+def adapter(out, name="residual_adapter/adapter_model.safetensors"):
+    """The adapter as trained (the top-level one is its rank-2r form for the original base)."""
     return load_file(os.path.join(out, name))
 
 
