@@ -37,8 +37,10 @@ def text(kind: str, meta: dict, report: dict | None, **fields) -> str:
                   f"Measured at export on {report['tokens']} supervised tokens of {report['rows']} of the run's data.",
                   ""]
     elif kind in ("original-lora", "original-merged"):
-        lines += ["Not measured here; `qmilora-export` measures it (loss and top-1 agreement with the trained model "
-                  "on the run's own data); docs/export.md has the demo's numbers.", ""]
+        lines += ["How far it is was not measured for this file (training writes it without a measurement; "
+                  "`qmilora-export --measure_rows 0` skips it): `qmilora-export --to original-lora` prints the loss "
+                  "and top-1 agreement with the trained model on the run's own data; docs/export.md has the demo's "
+                  "numbers.", ""]
     return "\n".join(lines)
 
 
