@@ -52,6 +52,8 @@ class DataConfig:
             raise ValueError(f"max_seq_length must be at least 2, got {self.max_seq_length}")
         if self.val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {self.val_size}")
+        if self.val_size > 1 and self.val_size != int(self.val_size):
+            raise ValueError(f"val_size is a share below 1 or a whole number of rows, got {self.val_size}")
         if self.chat_template not in TEMPLATES and not os.path.isfile(os.path.expanduser(self.chat_template)):
             raise ValueError(f"chat_template must be model, none or a template file; {self.chat_template!r} is "
                              "neither (no such file)")

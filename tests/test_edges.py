@@ -634,3 +634,14 @@ def test_an_export_ships_the_runs_tokenizer_not_the_models(trained, tiny_llm, tm
                         "--measure_rows", "0"]) == 0
     assert json.load(open(out / "tokenizer_config.json")) == json.load(open(os.path.join(run,
                                                                                          "tokenizer_config.json")))
+
+
+def test_values_that_would_silently_mean_something_else_are_refused(trained, capsys):
+    from qmilora.cli.generate import main as generate_main
+    from qmilora.data import DataConfig
+
+    with pytest.raises(ValueError, match="whole number of rows"):
+        DataConfig(val_size=1.5)
+    for t in ("-1", "nan"):
+        assert generate_main(["--adapter", trained[0], "--prompt", "hi", "--temperature", t]) == 1
+        assert "--temperature must be 0 (greedy) or positive" in error_line(capsys, "qmilora-generate")

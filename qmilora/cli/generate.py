@@ -25,8 +25,11 @@ def generate(args: GenerateArgs, stream=None) -> str:
     from transformers import AutoTokenizer
 
     from .. import inference
+    from ..config import QMiLoRAError
     from ..runfolder import RunFolder
 
+    if not args.temperature >= 0:  # a negative or NaN temperature would silently mean greedy decoding
+        raise QMiLoRAError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
     RunFolder(args.adapter).read_complete()  # a clear error before any loading
     tokenizer = AutoTokenizer.from_pretrained(args.adapter)
     model, how = inference.load(args.adapter, args.merge_on_cpu)
