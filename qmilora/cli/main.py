@@ -1,7 +1,7 @@
 """qmilora <verb>: one entry point for every command (the qmilora-<verb> scripts are aliases).
 
     qmilora train    finetune (MiLoRA factors on an NF4 residual)
-    qmilora export   rank-2r LoRA for the original base, or merged full-precision weights
+    qmilora export   the trained model as a plain checkpoint, or a LoRA / merged weights for the original base
     qmilora generate answer a prompt with a trained run
     qmilora eval     loss / perplexity of a trained run on held-out data
     qmilora plan     memory plan from config.json alone
