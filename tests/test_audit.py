@@ -198,7 +198,7 @@ CASES = [
     ("shape-mismatch", "train", train(model=edit_config(intermediate_size=48)), "do not belong together"),
     ("shape-mismatch-targets", "train", train("--target_modules", "q_proj", model=edit_config(intermediate_size=48)),
      "do not belong together"),
-    ("hub-id-offline", "train", train(model="qmilora-test/no-such-model"), "could not be fetched"),
+    ("hub-id-offline", "train", train(model="qmilora-test/no-such-model"), "the Hub cannot be reached"),
     # the data
     ("data-missing", "train", train("--data", "/no/such/data.jsonl"), "does not exist"),
     ("data-empty", "train", train("--data", data_file("e.jsonl", b"")), "is empty"),

@@ -159,7 +159,7 @@ def test_refuses_prequantized(tiny_ckpt, tmp_path, cache):
 def test_bad_sources(tmp_path, cache):
     with pytest.raises(QMiLoRAError, match="does not exist"):
         prepare_model(str(tmp_path / "nope" / "model"), cache_dir=cache)
-    with pytest.raises(QMiLoRAError, match="could not be fetched from the Hugging Face Hub"):
+    with pytest.raises(QMiLoRAError, match="not a local directory nor in the Hugging Face cache, and the Hub cannot be reached"):
         prepare_model("qmilora-test/no-such-model", cache_dir=cache)
     (tmp_path / "empty").mkdir()
     with pytest.raises(QMiLoRAError, match="no config.json"):
