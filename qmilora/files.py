@@ -268,8 +268,9 @@ def foreign(folder: str, recorded: dict, skip: tuple[str, ...] = ()) -> list[str
     out = []
     for base, dirs, names in os.walk(folder):
         for name in sorted(dirs):
-            if os.path.islink(os.path.join(base, name)):
-                out.append(os.path.relpath(os.path.join(base, name), folder))
+            rel = os.path.relpath(os.path.join(base, name), folder)
+            if os.path.islink(os.path.join(base, name)) or not any(r.startswith(rel + os.sep) for r in recorded):
+                out.append(rel + os.sep)  # a link, or a folder holding nothing qmilora wrote (a user's, if empty)
         for name in sorted(names):
             rel = os.path.relpath(os.path.join(base, name), folder)
             if rel not in skip and (rel not in recorded or not matches(os.path.join(folder, rel), recorded[rel])):

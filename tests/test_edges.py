@@ -645,3 +645,13 @@ def test_values_that_would_silently_mean_something_else_are_refused(trained, cap
     for t in ("-1", "nan"):
         assert generate_main(["--adapter", trained[0], "--prompt", "hi", "--temperature", t]) == 1
         assert "--temperature must be 0 (greedy) or positive" in error_line(capsys, "qmilora-generate")
+
+
+def test_overwrite_keeps_a_users_empty_folder_in_an_earlier_export(trained, tmp_path, capsys):
+    run, _ = trained
+    out = tmp_path / "export"
+    assert export_main(["--adapter", run, "--to", "original-lora", "--output", str(out)]) == 0
+    (out / "mydir" / "inner").mkdir(parents=True)
+    assert export_main(["--adapter", run, "--to", "original-lora", "--output", str(out), "--overwrite"]) == 1
+    assert "mydir/" in error_line(capsys, "qmilora-export")
+    assert (out / "mydir" / "inner").is_dir()
