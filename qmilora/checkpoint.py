@@ -20,6 +20,11 @@ from .files import atomic_dir, default_dir_mode, remove_stale_temporaries, write
 # bitsandbytes (absmax, quant_map, quant_state, SCB), GPTQ/AWQ (qweight, qzeros, scales, g_idx).
 QUANTIZED_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format",
                       ".qweight", ".qzeros", ".scales", ".g_idx")
+# the files a tokenizer is saved as (transformers writes some of these per tokenizer type): what identifies a run's
+# tokenizer, what an export copies, and what a run's final write may put into its folder
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                   "chat_template.json", "spiece.model")
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
 

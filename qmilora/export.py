@@ -36,8 +36,7 @@ from .runfolder import ADAPTER_CONFIG, ADAPTER_FILE, INITIAL, RunFolder
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
+_TOKENIZER_FILES = checkpoint.TOKENIZER_FILES + ("generation_config.json",)
 
 
 def _source(adapter_dir: str, model: str | None) -> tuple[dict, str]:

@@ -40,9 +40,7 @@ RESIDUAL = "residual_adapter"  # the adapter as trained, for the NF4 residual ba
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 # what the final write puts at the top of a run folder (besides what it recorded earlier): a file of the user's under
 # one of these names is refused before training, not after it
-FINAL_NAMES = {ADAPTER_FILE, ADAPTER_CONFIG, "README.md", "loss.png", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt",
-               "added_tokens.json", "residual_adapter"}
+FINAL_NAMES = {ADAPTER_FILE, ADAPTER_CONFIG, "README.md", "loss.png", RESIDUAL, *checkpoint.TOKENIZER_FILES}
 
 
 class RunFolder:

@@ -374,8 +374,8 @@ def check_data_fits(directory: str, sets: list) -> None:
 
     config = AutoConfig.from_pretrained(directory).get_text_config()
     vocab = getattr(config, "vocab_size", None)
-    longest = max(max(map(len, s["input_ids"])) for s in sets)
-    top = max(max(max(ids) for ids in s["input_ids"]) for s in sets)
+    rows = [ids for s in sets for ids in s["input_ids"]]
+    longest, top = max(map(len, rows)), max(map(max, rows))
     if isinstance(vocab, int) and top >= vocab:
         raise QMiLoRAError(f"the tokenizer gives token id {top}, but the model's embedding has {vocab} rows: the "
                            "tokenizer does not belong to this model (or has added tokens the model lacks); use the "
@@ -403,9 +403,6 @@ _RESUMABLE = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "l
               "local_rank", "ddp_timeout", "debug", "torch_empty_cache_steps", "enable_jit_checkpoint",
               "activation_checkpointing", "activation_checkpointing_kwargs", "gradient_checkpointing",
               "gradient_checkpointing_kwargs", "torch_compile", "torch_compile_backend", "torch_compile_mode"}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
-                    "chat_template.json", "spiece.model")
 
 
 def resume_recipe(run: RunConfig, dcfg: DataConfig, args: TrainingArguments, directory: str) -> dict:
@@ -423,7 +420,7 @@ def resume_recipe(run: RunConfig, dcfg: DataConfig, args: TrainingArguments, dir
         from .data import BUNDLED
 
         data["data.sha256"] = checkpoint.file_digest(BUNDLED)
-    tokenizer = sorted((n, checkpoint.file_digest(os.path.join(directory, n))) for n in _TOKENIZER_FILES
+    tokenizer = sorted((n, checkpoint.file_digest(os.path.join(directory, n))) for n in checkpoint.TOKENIZER_FILES
                        if os.path.isfile(os.path.join(directory, n)))
     return json.loads(json.dumps({**training, **data, "tokenizer.sha256": tokenizer}, default=str))
 

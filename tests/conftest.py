@@ -114,3 +114,10 @@ def tiny_llm(tmp_path_factory):
               num_key_value_heads=1, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
     tok.save_pretrained(d)
     return str(d)
+
+
+def one_line_error(capsys, prog="qmilora-train") -> str:
+    """The one error line a command printed (exactly one: no second report, no traceback lines of its own)."""
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith(f"{prog}: error")]
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error:"), err
+    return err[0]

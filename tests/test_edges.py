@@ -18,7 +18,8 @@ from qmilora.cli.export import main as export_main
 from qmilora.cli.inspect import main as inspect_main
 from qmilora.cli.train import main as train_main
 from qmilora.config import QMiLoRAError
-from qmilora.runfolder import RunFolder
+
+from conftest import one_line_error
 
 DEAD = 2**22 + 12345  # above the default pid_max: no such process
 
@@ -26,12 +27,6 @@ DEAD = 2**22 + 12345  # above the default pid_max: no such process
 def argv(model, out, cache, *extra):
     return ["--model", model, "--output_dir", str(out), "--cache_dir", cache, "--rank", "4", "--max_steps", "2",
             "--max_seq_length", "48", "--disable_tqdm", "true", "--save_steps", "1", "--logging_steps", "1", *extra]
-
-
-def error_line(capsys, prog="qmilora-train"):
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith(f"{prog}: error")]
-    assert len(err) == 1, err
-    return err[0]
 
 
 def tree(path):
@@ -68,7 +63,7 @@ def test_an_export_may_not_be_contain_or_lie_inside_an_input(trained, tiny_llm, 
     # the folder holding the checkpoint being merged
     assert export_main(["--adapter", run, "--to", "original-merged", "--model", str(models / "base"),
                         "--output", str(models), "--overwrite"]) == 1
-    assert "contains the original checkpoint" in error_line(capsys, "qmilora-export")
+    assert "contains the original checkpoint" in one_line_error(capsys, "qmilora-export")
     assert tree(models) == before
     # the project folder holding the run and a user's notes
     proj = tmp_path / "proj"
@@ -76,13 +71,13 @@ def test_an_export_may_not_be_contain_or_lie_inside_an_input(trained, tiny_llm, 
     (proj / "notes.md").write_text("mine")
     before = tree(proj)
     assert export_main(["--adapter", str(proj / "run"), "--to", "original-lora", "--output", str(proj), "--overwrite"]) == 1
-    assert "contains the run directory" in error_line(capsys, "qmilora-export")
+    assert "contains the run directory" in one_line_error(capsys, "qmilora-export")
     # inside the run, and through a symlink to the run
     assert export_main(["--adapter", str(proj / "run"), "--to", "original-lora", "--output", str(proj / "run" / "export")]) == 1
-    assert "lies inside the run directory" in error_line(capsys, "qmilora-export")
+    assert "lies inside the run directory" in one_line_error(capsys, "qmilora-export")
     os.symlink(proj / "run", tmp_path / "link")
     assert export_main(["--adapter", str(proj / "run"), "--to", "original-lora", "--output", str(tmp_path / "link"), "--overwrite"]) == 1
-    assert "is the run directory" in error_line(capsys, "qmilora-export")
+    assert "is the run directory" in one_line_error(capsys, "qmilora-export")
     assert tree(proj) == before
 
 
@@ -92,7 +87,7 @@ def test_overwrite_replaces_only_an_earlier_qmilora_output(trained, tmp_path, ca
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
     assert export_main(["--adapter", run, "--to", "original-lora", "--output", str(out), "--overwrite"]) == 1
-    assert "not written by qmilora" in error_line(capsys, "qmilora-export")
+    assert "not written by qmilora" in one_line_error(capsys, "qmilora-export")
     assert (out / "thesis.tex").read_text() == "years of work"
     # an earlier export is replaced; one a user added a file to is not
     shutil.rmtree(out)
@@ -101,7 +96,7 @@ def test_overwrite_replaces_only_an_earlier_qmilora_output(trained, tmp_path, ca
     assert export_main(["--adapter", run, "--to", "original-lora", "--output", str(out), "--overwrite"]) == 0
     (out / "notes.txt").write_text("mine")
     assert export_main(["--adapter", run, "--to", "original-lora", "--output", str(out), "--overwrite"]) == 1
-    assert "notes.txt, which qmilora did not write" in error_line(capsys, "qmilora-export")
+    assert "notes.txt, which qmilora did not write" in one_line_error(capsys, "qmilora-export")
     assert (out / "notes.txt").read_text() == "mine"
 
 
@@ -111,7 +106,7 @@ def test_inspect_never_writes_over_its_model(tiny_ckpt, tmp_path, capsys):
     shutil.copytree(d, model)
     before = tree(model)
     assert inspect_main(["--model", str(model), "--rank", "4", "--output", str(model), "--overwrite"]) == 1
-    assert "is the model checkpoint" in error_line(capsys, "qmilora-inspect")
+    assert "is the model checkpoint" in one_line_error(capsys, "qmilora-inspect")
     assert tree(model) == before
 
 
@@ -124,14 +119,14 @@ def test_overwrite_output_dir_removes_only_recorded_files(trained, tiny_llm, tmp
         (run / inside).write_text("mine")
         before = tree(run)
         assert train_main(argv(tiny_llm, run, cache, "--overwrite_output_dir", "true")) == 1
-        assert f"holds {inside}" in error_line(capsys)
+        assert f"holds {inside}" in one_line_error(capsys)
         assert tree(run) == before
         os.remove(run / inside)
     # a user's own checkpoint-999 backup, which Trainer's rotation would delete
     (run / "checkpoint-999").mkdir()
     (run / "checkpoint-999" / "adapter_model.safetensors").write_bytes(b"backup")
     assert train_main(argv(tiny_llm, run, cache, "--overwrite_output_dir", "true")) == 1
-    assert "checkpoint-999" in error_line(capsys)
+    assert "checkpoint-999" in one_line_error(capsys)
     assert (run / "checkpoint-999" / "adapter_model.safetensors").read_bytes() == b"backup"
     shutil.rmtree(run / "checkpoint-999")
     # a file beside the run stays through a new run
@@ -149,7 +144,7 @@ def test_a_symlink_in_a_run_folder_is_refused_before_anything_is_removed(trained
     os.symlink(outside, run / "checkpoint-1" / "extra")
     before = tree(run)
     assert train_main(argv(tiny_llm, run, cache, "--overwrite_output_dir", "true")) == 1
-    assert "symlink" in error_line(capsys)
+    assert "symlink" in one_line_error(capsys)
     assert tree(run) == before and (outside / "data.bin").read_bytes() == b"precious"
 
 
@@ -304,7 +299,7 @@ def test_a_resume_refuses_any_change_of_recipe(trained, tiny_llm, tmp_path, caps
         change = []
     before = tree(run)
     assert train_main(argv(model, run, cache, "--resume_from_checkpoint", "true", *change)) == 1
-    line = error_line(capsys)
+    line = one_line_error(capsys)
     assert "a resume continues the recorded recipe" in line
     assert tree(run) == before
 
@@ -324,7 +319,7 @@ def test_a_second_training_into_a_locked_folder_is_refused(tiny_llm, tmp_path, c
     try:
         (run / ".qmilora.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
         assert train_main(argv(tiny_llm, run, str(tmp_path / "cache"))) == 1
-        assert f"in use by another qmilora-train (pid {holder.pid}" in error_line(capsys)
+        assert f"in use by another qmilora-train (pid {holder.pid}" in one_line_error(capsys)
     finally:
         holder.kill()
         holder.wait()
@@ -339,7 +334,7 @@ def test_a_second_training_into_a_locked_folder_is_refused(tiny_llm, tmp_path, c
 def test_schedules_that_train_nothing_are_refused(tiny_llm, tmp_path, capsys, flags, words):
     out = tmp_path / "run"
     assert train_main(argv(tiny_llm, out, str(tmp_path / "cache"), *flags)) == 1
-    assert words in error_line(capsys)
+    assert words in one_line_error(capsys)
     assert not out.exists()
 
 
@@ -371,25 +366,25 @@ def test_a_changed_checkpoint_file_is_refused_before_trainer_unpickles_it(traine
     with open(run / "checkpoint-2" / "optimizer.pt", "ab") as f:
         f.write(b"\0")
     assert train_main(argv(tiny_llm, run, cache, "--resume_from_checkpoint", "true")) == 1
-    assert "optimizer.pt changed since the checkpoint was written" in error_line(capsys)
+    assert "optimizer.pt changed since the checkpoint was written" in one_line_error(capsys)
 
 
 def test_data_the_model_cannot_read_is_refused_before_it_loads(tiny_llm, tmp_path, capsys):
     cache = str(tmp_path / "cache")
     (tmp_path / "folder").mkdir()
     assert train_main(argv(tiny_llm, tmp_path / "a", cache, "--data", str(tmp_path / "folder"))) == 1
-    assert "is a folder; pass one data file" in error_line(capsys)
+    assert "is a folder; pass one data file" in one_line_error(capsys)
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"instruction": "Say it", "output": " ".join(["the"] * 300)}) + "\n")
     assert train_main(argv(tiny_llm, tmp_path / "b", cache, "--max_seq_length", "400", "--data", str(long))) == 1
-    assert "the model has 128 positions; lower --max_seq_length" in error_line(capsys)
+    assert "the model has 128 positions; lower --max_seq_length" in one_line_error(capsys)
     small = tmp_path / "small"
     shutil.copytree(tiny_llm, small)
     cfg = json.load(open(small / "config.json"))
     cfg["vocab_size"] = 20  # the tokenizer's ids go beyond the rows of this (smaller) embedding
     json.dump(cfg, open(small / "config.json", "w"))
     assert train_main(argv(str(small), tmp_path / "c", cache)) == 1
-    assert "but the model's embedding has 20 rows" in error_line(capsys)
+    assert "but the model's embedding has 20 rows" in one_line_error(capsys)
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "c")
 
 
@@ -410,7 +405,7 @@ def test_faults_from_outside_are_one_clear_line(fault, words, capsys):
         raise fault
 
     assert run("qmilora-train", body) == 1
-    line = error_line(capsys)
+    line = one_line_error(capsys)
     assert words in line and "unexpected" not in line
 
 
@@ -423,7 +418,7 @@ def test_a_sandboxed_chat_template_failure_is_one_clear_line(capsys):
         raise SecurityError("access to attribute '__class__' of 'str' object is unsafe.")
 
     assert run("qmilora-train", body) == 1
-    assert "the template sandbox forbids" in error_line(capsys)
+    assert "the template sandbox forbids" in one_line_error(capsys)
 
 
 def test_packing_keeps_examples_apart(tiny_ckpt):
@@ -469,7 +464,7 @@ def test_a_wrong_data_path_is_refused_before_the_demo_model_is_built(tmp_path, c
     monkeypatch.setattr(demo, "demo_model_dir", lambda *a, **k: pytest.fail("the demo model was built first"))
     assert train_main(["--output_dir", str(tmp_path / "run"), "--cache_dir", str(tmp_path / "cache"),
                        "--data", str(tmp_path / "missing.jsonl")]) == 1
-    assert "missing.jsonl does not exist" in error_line(capsys)
+    assert "missing.jsonl does not exist" in one_line_error(capsys)
 
 
 # --- a second hostile audit's findings ---------------------------------------------------------------------------------------
@@ -496,12 +491,12 @@ def test_an_output_folder_another_account_owns_or_all_may_write_is_refused(tiny_
     theirs.mkdir()
     os.chown(theirs, 12345, 12345)
     assert train_main(argv(tiny_llm, theirs, str(tmp_path / "cache"))) == 1
-    assert "belongs to another user" in error_line(capsys)
+    assert "belongs to another user" in one_line_error(capsys)
     everyone = tmp_path / "everyone"
     everyone.mkdir()
     os.chmod(everyone, 0o777)
     assert train_main(argv(tiny_llm, everyone, str(tmp_path / "cache"))) == 1
-    assert "can be written by every user" in error_line(capsys)
+    assert "can be written by every user" in one_line_error(capsys)
     assert os.listdir(theirs) == [] and os.listdir(everyone) == []
 
 
@@ -510,7 +505,7 @@ def test_a_checkpoint_cut_short_is_never_emptied(trained, tiny_llm, tmp_path, ca
     os.remove(run / "checkpoint-2" / ".complete")
     (run / "checkpoint-2" / "notes.txt").write_text("mine")
     assert train_main(argv(tiny_llm, run, cache, "--overwrite_output_dir", "true")) == 1
-    assert "cut short while being saved" in error_line(capsys)
+    assert "cut short while being saved" in one_line_error(capsys)
     assert (run / "checkpoint-2" / "notes.txt").read_text() == "mine"
 
 
@@ -552,10 +547,10 @@ def test_a_resume_never_rewrites_a_later_checkpoint_in_place(tiny_llm, tmp_path)
 def test_resuming_a_finished_run_or_a_changed_template_is_refused(trained, tiny_llm, tmp_path, capsys):
     run, cache = copy_run(trained, tmp_path)
     assert train_main(argv(tiny_llm, run, cache, "--resume_from_checkpoint", "true")) == 1
-    assert "nothing left to train" in error_line(capsys)
+    assert "nothing left to train" in one_line_error(capsys)
     assert train_main(argv(tiny_llm, run, cache, "--resume_from_checkpoint", "true",
                            "--overwrite_output_dir", "true")) == 1
-    assert "pass one of them" in error_line(capsys)
+    assert "pass one of them" in one_line_error(capsys)
     template = tmp_path / "t.jinja"
     template.write_text(open(os.path.join(tiny_llm, "chat_template.jinja")).read())
     out = tmp_path / "t"
@@ -563,7 +558,7 @@ def test_resuming_a_finished_run_or_a_changed_template_is_refused(trained, tiny_
     template.write_text(template.read_text().replace("<|", "[").replace("|>", "]"))
     assert train_main(argv(tiny_llm, out, cache, "--chat_template", str(template), "--max_steps", "3",
                            "--resume_from_checkpoint", "true")) == 1
-    assert "data.chat_template.sha256" in error_line(capsys)
+    assert "data.chat_template.sha256" in one_line_error(capsys)
 
 
 def test_run_records_hold_absolute_data_paths(tiny_llm, tmp_path, monkeypatch):
@@ -593,7 +588,7 @@ def test_a_refused_cache_writes_nothing_into_the_output(tiny_llm, tmp_path, caps
     shared.mkdir()
     os.chmod(shared, 0o777)
     assert train_main(argv(tiny_llm, tmp_path / "run", str(shared))) == 1
-    assert "can be written by other users" in error_line(capsys)
+    assert "can be written by other users" in one_line_error(capsys)
     assert not (tmp_path / "run").exists()
 
 
@@ -611,7 +606,7 @@ def test_a_changed_run_file_is_refused_by_export_and_eval(trained, tmp_path, cap
         f.seek(-4, 2)
         f.write(b"\0\0\0\1")
     assert export_main(["--adapter", str(run), "--to", "original-lora", "--output", str(tmp_path / "e")]) == 1
-    assert "changed since the run wrote it" in error_line(capsys, "qmilora-export")
+    assert "changed since the run wrote it" in one_line_error(capsys, "qmilora-export")
 
 
 def test_the_current_folder_is_no_output(trained, tmp_path, capsys, monkeypatch):
@@ -619,7 +614,7 @@ def test_the_current_folder_is_no_output(trained, tmp_path, capsys, monkeypatch)
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
     assert export_main(["--adapter", run, "--to", "original-lora", "--output", "."]) == 1
-    assert "is the current folder" in error_line(capsys, "qmilora-export")
+    assert "is the current folder" in one_line_error(capsys, "qmilora-export")
 
 
 def test_an_export_ships_the_runs_tokenizer_not_the_models(trained, tiny_llm, tmp_path):
@@ -644,7 +639,7 @@ def test_values_that_would_silently_mean_something_else_are_refused(trained, cap
         DataConfig(val_size=1.5)
     for t in ("-1", "nan"):
         assert generate_main(["--adapter", trained[0], "--prompt", "hi", "--temperature", t]) == 1
-        assert "--temperature must be 0 (greedy) or positive" in error_line(capsys, "qmilora-generate")
+        assert "--temperature must be 0 (greedy) or positive" in one_line_error(capsys, "qmilora-generate")
 
 
 def test_overwrite_keeps_a_users_empty_folder_in_an_earlier_export(trained, tmp_path, capsys):
@@ -653,5 +648,5 @@ def test_overwrite_keeps_a_users_empty_folder_in_an_earlier_export(trained, tmp_
     assert export_main(["--adapter", run, "--to", "original-lora", "--output", str(out)]) == 0
     (out / "mydir" / "inner").mkdir(parents=True)
     assert export_main(["--adapter", run, "--to", "original-lora", "--output", str(out), "--overwrite"]) == 1
-    assert "mydir/" in error_line(capsys, "qmilora-export")
+    assert "mydir/" in one_line_error(capsys, "qmilora-export")
     assert (out / "mydir" / "inner").is_dir()

@@ -15,7 +15,7 @@ from qmilora.cli.inspect import main as inspect_main
 from qmilora.cli.train import main as train_main
 from qmilora.config import QMiLoRAConfig, QMiLoRAError
 
-from conftest import save_tiny
+from conftest import one_line_error, save_tiny
 
 
 def shards(d):
@@ -117,12 +117,6 @@ def test_alpha_must_be_finite_and_sane(alpha):
 def argv(model, out, cache, *extra):
     return ["--model", model, "--output_dir", str(out), "--cache_dir", cache, "--rank", "4", "--max_steps", "2",
             "--max_seq_length", "48", "--disable_tqdm", "true", "--save_steps", "1", "--logging_steps", "1", *extra]
-
-
-def one_line_error(capsys, prog="qmilora-train"):
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith(f"{prog}: error")]
-    assert len(err) == 1 and err[0].startswith(f"{prog}: error:"), err
-    return err[0]
 
 
 def test_run_folder_is_never_stale_and_never_overwrites_user_files(tiny_llm, tmp_path, cache, capsys):
