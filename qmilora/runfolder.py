@@ -289,16 +289,9 @@ class RunFolder:
             self.drop_checkpoints_after(int(_CHECKPOINT.match(os.path.basename(os.path.normpath(meta["resumed_from"])))[1]))
         if not resume:
             for name in self.checkpoints():
-                if self.checkpoint_record(name) is None and os.path.isfile(os.path.join(self.path, name, STARTED)):
-                    _remove_tree_files(os.path.join(self.path, name))  # a half-written save of a killed run
-            recorded = self._recorded()
-            files.remove_recorded(self.path, recorded)
-            for name in self.checkpoints():  # their markers, once the files they list are gone
-                for marker in (COMPLETE, STARTED):
-                    with contextlib.suppress(OSError):
-                        os.remove(os.path.join(self.path, name, marker))
-                with contextlib.suppress(OSError):
-                    os.rmdir(os.path.join(self.path, name))
+                self.remove_checkpoint(name)
+            written = old.get("files") if isinstance(old.get("files"), dict) else {}
+            files.remove_recorded(self.path, {rel: rec for rel, rec in written.items() if _plain_relative(rel)})
         # a resumed run keeps the record of the files an earlier completion wrote: its own to replace
         kept = {"files": old.get("files", {}), "history": old.get("history", [])} if resume else {"history": []}
         event = {"resumed_from": meta.get("resumed_from"), **({"longer": meta["longer"]} if meta.get("longer") else {})}
@@ -434,18 +427,6 @@ def _links(folder: str) -> list[str]:
             if os.path.islink(os.path.join(base, name)):
                 found.append(os.path.relpath(os.path.join(base, name), folder))
     return sorted(found)
-
-
-def _remove_tree_files(folder: str) -> None:
-    """The regular files and then the empty folders of a half-written checkpoint (claim refused any link in it)."""
-    for base, dirs, names in os.walk(folder, topdown=False):
-        for name in names:
-            path = os.path.join(base, name)
-            if not os.path.islink(path):
-                os.remove(path)
-        for name in dirs:
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.join(base, name))
 
 
 def _plain_relative(rel) -> bool:
