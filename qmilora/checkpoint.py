@@ -60,24 +60,6 @@ def resolve(source: str) -> str:
                            f"Hugging Face Hub ({type(err).__name__}: {reason})") from None
 
 
-def resolve_config(source: str) -> str:
-    """A local directory holding `source`'s config.json (a Hub id fetches only that file)."""
-    path = os.path.expanduser(source)
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise QMiLoRAError(f"{path} has no config.json: it is not a transformers checkpoint")
-        return path
-    if path.startswith(("/", ".", "~")) or path.count("/") > 1:
-        raise QMiLoRAError(f"model directory {source!r} does not exist")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return os.path.dirname(hf_hub_download(source, "config.json"))
-    except Exception as err:
-        raise QMiLoRAError(f"model {source!r} is not a local directory and its config.json could not be fetched from "
-                           f"the Hugging Face Hub ({type(err).__name__})") from None
-
-
 def shard_files(directory: str) -> list[str]:
     """The checkpoint's safetensors files, in index order."""
     index = os.path.join(directory, "model.safetensors.index.json")

@@ -41,10 +41,7 @@ _TOKENIZER_FILES = checkpoint.TOKENIZER_FILES + ("generation_config.json",)
 
 def _source(adapter_dir: str, model: str | None) -> tuple[dict, str]:
     """A finished run's record and its original checkpoint, verified by content."""
-    from .config import QMiLoRAConfig
-    from .train import verified_source
-
-    from .train import config_of_run
+    from .train import config_of_run, verified_source
 
     meta = RunFolder(adapter_dir).read_complete()
     directory = verified_source(meta, model, config_of_run(meta).resolved_cache_dir)
@@ -155,9 +152,9 @@ def _original_with_lora(directory: str, adapter: str, meta: dict):
 
 
 def _device(meta: dict) -> str:
-    from .config import QMiLoRAConfig
+    from .train import config_of_run
 
-    return str(QMiLoRAConfig(**meta["qmilora"]).resolved_device)
+    return str(config_of_run(meta).resolved_device)
 
 
 def _plain(directory: str, meta: dict):
@@ -206,8 +203,8 @@ def to_merged(adapter_dir: str, output: str, model: str | None = None, overwrite
     _check_output(output, overwrite, adapter_dir, directory)
     if dtype not in DTYPES:
         raise QMiLoRAError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    files = checkpoint.shard_files(directory)
-    checkpoint.check_free_space(os.path.dirname(os.path.abspath(output)), sum(map(os.path.getsize, files)),
+    shards = checkpoint.shard_files(directory)
+    checkpoint.check_free_space(os.path.dirname(os.path.abspath(output)), sum(map(os.path.getsize, shards)),
                                 "the merged model")
     trained = load_trained(adapter_dir, model=model, lora_dropout=0.0)
     plain = as_trained(trained, DTYPES[dtype])
@@ -281,14 +278,14 @@ def to_original_merged(adapter_dir: str, output: str, model: str | None = None, 
         scaling = (cfg := json.load(f))["lora_alpha"] / cfg["r"]
     delta = _factors(load_file(os.path.join(residual, ADAPTER_FILE)),
                      load_file(os.path.join(adapter_dir, INITIAL, ADAPTER_FILE)))
-    files = checkpoint.shard_files(directory)
-    checkpoint.check_free_space(os.path.dirname(os.path.abspath(output)), sum(map(os.path.getsize, files)),
+    shards = checkpoint.shard_files(directory)
+    checkpoint.check_free_space(os.path.dirname(os.path.abspath(output)), sum(map(os.path.getsize, shards)),
                                 "the merged model")
     if cfg.get("target_parameters"):
         return _merged_through_loader(directory, adapter_dir, cfg, delta, scaling, output, overwrite), None
     stored_transposed, prefix = _layout(directory)
     with _output(output, overwrite) as tmp:
-        for path in files:  # one shard in memory at a time
+        for path in shards:  # one shard in memory at a time
             tensors = {}
             with safe_open(path, framework="pt") as f:
                 metadata = f.metadata() or {}

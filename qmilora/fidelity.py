@@ -47,8 +47,9 @@ def run_rows(run_dir: str, meta: dict, tokenizer, limit: int, split: str = "eval
     from .data import DataConfig, build_dataset
 
     try:
-        train, held, _ = build_dataset(DataConfig(**meta["data"]), tokenizer)
-    except (QMiLoRAError, TypeError) as err:  # the data file moved, or the record predates a field
+        # the run's saved tokenizer carries the chat template it trained with: the recorded file may have moved
+        train, held, _ = build_dataset(DataConfig(**{**meta["data"], "chat_template": "model"}), tokenizer)
+    except (QMiLoRAError, TypeError, ValueError) as err:  # the data file moved, or the record predates a field
         log.warning("qmilora: cannot rebuild the run's data to measure fidelity (%s)", err)
         return None
     if held is not None and split == "eval":

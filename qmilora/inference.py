@@ -36,7 +36,7 @@ class StreamTo(TextStreamer):
 def load(run_dir: str, merge_on_cpu: bool = True):
     """(model in eval mode, how it runs: a phrase for the log) for the run in `run_dir`; applies the CPU thread
     policy (`cpu.choose`) for the inference that follows."""
-    from . import cpu
+    from . import cpu, quantize
     from .config import QMiLoRAError
     from .export import as_trained
     from .train import load_trained
@@ -50,7 +50,8 @@ def load(run_dir: str, merge_on_cpu: bool = True):
     log.info("qmilora: %d CPU thread%s: %s", threads, "" if threads == 1 else "s", why)
     if not merge_on_cpu:
         return model, "4-bit layers (--merge_on_cpu false)"
-    need = 4 * sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
+    # float32 weights: a 4-bit parameter's true shape, whatever dtype its packed codes are stored as
+    need = 4 * sum(p.quant_state.shape.numel() if quantize.is_4bit_param(p) else p.numel() for p in model.parameters())
     free = available_memory()
     if free is not None and need > free / 2:
         return model, (f"4-bit layers: merged float32 weights would take {need / 2**30:.1f} GB of the "

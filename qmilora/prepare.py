@@ -112,7 +112,9 @@ def _prepare(model, cfg: QMiLoRAConfig) -> PeftModel:
     else:
         peft_model, stats = _prepare_checkpoint(str(model), cfg)
     check_layers_run(peft_model)
-    name_residual_base(peft_model, getattr(model, "name_or_path", None) or str(model))
+    # a model built from a config has an empty name_or_path: never its module repr as the base's name
+    name_residual_base(peft_model, model if isinstance(model, str) else (getattr(model, "name_or_path", "")
+                                                                         or "an in-memory model"))
     stats.seconds = time.perf_counter() - t0
     _record_peaks(stats, cfg.resolved_device)
     peft_model.qmilora_stats = stats

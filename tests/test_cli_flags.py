@@ -18,7 +18,6 @@ def real_parser(verb, monkeypatch, capsys):
     original = flags.remember
     monkeypatch.setattr(flags, "remember", lambda prog, parser: (seen.append(parser), original(prog, parser)))
     module = importlib.import_module(f"qmilora.cli.{verb}")
-    monkeypatch.setattr(module, "remember", flags.remember, raising=False)
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
     assert exit_.value.code == 0
@@ -154,4 +153,6 @@ def test_activation_checkpointing_has_one_name_across_verbs(monkeypatch, capsys)
         parser, help_text = real_parser(verb, monkeypatch, capsys)
         assert "--activation_checkpointing" in help_text
         dests = {a.dest for a in parser._actions if "--gradient_checkpointing" in a.option_strings}
-        assert dests <= {"activation_checkpointing", "gradient_checkpointing"}
+        # plan: an alias of the one flag; train: TrainingArguments' own older field, which transformers folds into
+        # activation_checkpointing
+        assert dests == ({"activation_checkpointing"} if verb == "plan" else {"gradient_checkpointing"}), (verb, dests)

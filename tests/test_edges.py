@@ -650,3 +650,29 @@ def test_overwrite_keeps_a_users_empty_folder_in_an_earlier_export(trained, tmp_
     assert export_main(["--adapter", run, "--to", "original-lora", "--output", str(out), "--overwrite"]) == 1
     assert "mydir/" in one_line_error(capsys, "qmilora-export")
     assert (out / "mydir" / "inner").is_dir()
+
+
+def test_an_in_memory_model_names_no_repr_as_its_base(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from qmilora import QMiLoRAConfig, prepare_model
+
+    from conftest import tiny_config
+
+    model = prepare_model(LlamaForCausalLM(tiny_config()), QMiLoRAConfig(rank=4, device="cpu"))
+    name = model.peft_config["default"].base_model_name_or_path
+    assert "an in-memory model" in name and "\n" not in name and len(name) < 200
+
+
+def test_exports_and_eval_of_a_run_whose_template_file_moved(tiny_llm, tmp_path, capsys):
+    from qmilora.cli.eval import main as eval_main
+    from qmilora.data import BUNDLED
+
+    template = tmp_path / "t.jinja"
+    template.write_text(open(os.path.join(tiny_llm, "chat_template.jinja")).read())
+    run = tmp_path / "run"
+    assert train_main(argv(tiny_llm, run, str(tmp_path / "cache"), "--chat_template", str(template))) == 0
+    os.remove(template)
+    assert export_main(["--adapter", str(run), "--to", "merged", "--output", str(tmp_path / "m")]) == 0
+    assert "trained model: loss" in capsys.readouterr().err  # measured, not skipped
+    assert eval_main(["--adapter", str(run), "--data", BUNDLED]) == 0

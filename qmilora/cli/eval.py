@@ -53,7 +53,8 @@ def evaluate(args: EvalArgs) -> dict:
 
     meta = RunFolder(args.adapter).read_complete()
     tokenizer = AutoTokenizer.from_pretrained(args.adapter)
-    data_cfg = {**meta["data"], "data": args.data, "val_size": 0.0, "packing": False}
+    # the run's saved tokenizer carries the chat template it trained with (a recorded template file may have moved)
+    data_cfg = {**meta["data"], "data": args.data, "val_size": 0.0, "packing": False, "chat_template": "model"}
     rows, _, _ = build_dataset(DataConfig(**data_cfg), tokenizer)
     result = {"data": args.data, "examples": len(rows)}
     model, how = inference.load(args.adapter, args.merge_on_cpu)

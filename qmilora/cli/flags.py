@@ -14,7 +14,6 @@ transformers and torch versions, and whether a GPU may be visible (qmilora-train
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -59,7 +58,6 @@ def _path(prog: str) -> str:
 
 def remember(prog: str, parser: argparse.ArgumentParser) -> None:
     """Write `parser`'s table unless it is there already; any failure (read-only home, ...) only costs speed."""
-    tmp = None
     try:
         path = _path(prog)
         if os.path.exists(path):
@@ -67,19 +65,14 @@ def remember(prog: str, parser: argparse.ArgumentParser) -> None:
         spec = json.dumps(table(parser))
         os.makedirs(cache_root(), mode=0o700, exist_ok=True)  # private like the rest of the cache
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(spec)
-        os.replace(tmp, path)
-        tmp = None
+        from ..files import write_atomic  # torch is loaded by now: the real parser was just built
+
+        write_atomic(path, spec.encode(), private=True)
         for name in os.listdir(os.path.dirname(path)):  # tables of earlier versions
             if name.startswith(f"{prog}-") and name != os.path.basename(path) and name.endswith(".json"):
                 os.unlink(os.path.join(os.path.dirname(path), name))
     except Exception:  # noqa: BLE001 - a help cache must never stop a command (argparse internals may change)
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        pass  # a write cut short leaves a marked temporary that the next atomic write there removes
 
 
 def table(parser: argparse.ArgumentParser) -> dict:

@@ -60,7 +60,7 @@ def locate(model: str, error) -> tuple[str, str | None]:
         stem = os.path.basename(found)[:-5]
         note = f"config.json: the copy shipped with qmilora for {stem} (no network)"
         return found, note + (f"; {NOTES[stem]}" if stem in NOTES else "")
-    if path.startswith(("/", ".", "~")) or path.count("/") != 1 or path.endswith(".json"):
+    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or path.endswith(".json"):
         error(f"{model!r} does not exist; pass a checkpoint directory, a config.json file, a Hub id, or a family name "
               f"({', '.join(names())})")
     return _from_hub(model, error), f"config.json: {model} on the Hugging Face Hub"
