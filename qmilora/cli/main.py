@@ -50,7 +50,9 @@ def _script(verb: str):
 
 
 # the qmilora-<verb> console scripts (pyproject.toml)
-train_main, export_main, generate_main, eval_main, plan_main, inspect_main = map(_script, VERBS)
+# (by name: a reordered VERBS must not make one script run another verb)
+train_main, export_main, generate_main = _script("train"), _script("export"), _script("generate")
+eval_main, plan_main, inspect_main = _script("eval"), _script("plan"), _script("inspect")
 
 
 if __name__ == "__main__":
