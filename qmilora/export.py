@@ -224,6 +224,7 @@ def as_trained(peft_model, dtype: torch.dtype):
     merged weight again, losing the update to NF4 rounding."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
     from . import experts, interop
 
@@ -243,17 +244,21 @@ def as_trained(peft_model, dtype: torch.dtype):
         module = base.get_submodule(owner) if owner else base
         layer = module.get_base_layer() if owner in loras else module
         value = getattr(layer, leaf)
-        if leaf == "weight" and quantize.is_4bit_param(value):
-            value = quantize.dequantize(value, torch.float32)
-        elif leaf == "weight" and owner not in loras:
-            state[name] = value.detach().to(dtype)
+        if leaf != "weight" or (owner not in loras and not quantize.is_4bit_param(value)):
+            state[name] = value.detach().to(dtype)  # as the trained model holds it, in the same module type
             continue
-        if owner in loras and leaf == "weight":
+        # orientation follows each tensor's real storage, not the checkpoint's: a 4-bit layer holds (out, in) even
+        # when transformers made it from a Conv1D, an unquantized Conv1D (quantize=False) still holds (in, out)
+        if quantize.is_4bit_param(value):
+            value = quantize.dequantize(value, torch.float32)
+        elif isinstance(layer, Conv1D):
+            value = value.T
+        if owner in loras:  # (out, in) + s·B A (out, r)(r, in), in float64
             lora = loras[owner]
             B, A = lora.lora_B["default"].weight, lora.lora_A["default"].weight
             value = value.double() + lora.scaling["default"] * (B.double() @ A.double()).to(value.device)
-        if leaf == "weight" and interop.is_conv1d(plain.get_submodule(owner)):
-            value = value.T  # Conv1D stores (in, out)
+        if isinstance(plain.get_submodule(owner), Conv1D):
+            value = value.T  # back to Conv1D's (in, out)
         state[name] = value.detach().to(dtype).contiguous()
     plain.load_state_dict(state, strict=True, assign=True)
     plain.tie_weights()
