@@ -67,6 +67,15 @@ def run_children(script: str, methods: list[str], directory: str) -> list[dict]:
     return rows
 
 
+def run_qmilora(verb: str, argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """`qmilora-<verb> argv` as a user runs it, in a fresh process with `env` added to this one's: the console script
+    beside this interpreter, else `python -m qmilora.cli.<verb>`. Returns the finished process (its `args` is the
+    command line); the caller decides what a non-zero exit means."""
+    script = os.path.join(os.path.dirname(sys.executable), f"qmilora-{verb}")
+    command = [script] if os.path.isfile(script) else [sys.executable, "-m", f"qmilora.cli.{verb}"]
+    return subprocess.run(command + list(argv), env={**os.environ, **(env or {})}, capture_output=True, text=True)
+
+
 @contextlib.contextmanager
 def cpu_load(load: str):
     """`load` "loaded": another process multiplies matrices on every core for the duration; "quiet": nothing."""

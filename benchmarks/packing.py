@@ -14,27 +14,25 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
-from common import table, write
+from common import run_qmilora, table, write
 
 
 def run(packing: bool, out: str, args, cache: str) -> dict:
-    argv = [os.path.join(os.path.dirname(sys.executable), "qmilora-train"), "--output_dir", out,
-            "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch), "--rank", str(args.rank),
-            "--packing", str(packing).lower(), "--save_strategy", "no", "--logging_steps", "1",
+    argv = ["--output_dir", out, "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch),
+            "--rank", str(args.rank), "--packing", str(packing).lower(), "--save_strategy", "no", "--logging_steps", "1",
             "--disable_tqdm", "true", "--seed", "0"]
     if args.model:
         argv += ["--model", args.model]
-    proc = subprocess.run(argv, env={**os.environ, "QMILORA_CACHE": cache}, capture_output=True, text=True)
+    proc = run_qmilora("train", argv, {"QMILORA_CACHE": cache})
     if proc.returncode:
-        raise SystemExit(f"{' '.join(argv)} failed: {proc.stderr.strip().splitlines()[-1]}")
+        raise SystemExit(f"{' '.join(proc.args)} failed: {proc.stderr.strip().splitlines()[-1]}")
     summary = json.load(open(os.path.join(out, "qmilora.json")))["summary"]
     return {"packing": packing, "supervised_tokens_per_s": summary["tokens_per_second"],
             "supervised_tokens": summary["supervised_tokens"], "wall_s": summary["wall_seconds"],
-            "train_loss": round(summary["train_loss"], 4), "command": " ".join(argv[1:])}
+            "train_loss": round(summary["train_loss"], 4), "command": " ".join(argv)}
 
 
 def main() -> None:
