@@ -21,21 +21,27 @@ from .config import QMiLoRAError
 from .runfolder import ADAPTER_FILE, INITIAL, RunFolder
 
 
-def factors(run_dir: str, model: str | None, rank: int, rows: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (left (out, k), right (k, in))}, float64 on the host, left @ right = L_k for every adapted layer."""
+def calibration(built: tuple | None, rows: int) -> fidelity.Rows:
+    """The first `rows` training rows of `fidelity.run_data`'s result, refused in one line when it is None: checked
+    before the trained model loads."""
+    if built is None:
+        raise QMiLoRAError("--correction_rank calibrates on the run's training rows, which could not be rebuilt (the "
+                           "data file moved?); pass --correction_rank 0")
+    return fidelity.take(built, rows, split="train")
+
+
+def factors(run_dir: str, model: str | None, rank: int, data: fidelity.Rows,
+            trained) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (left (out, k), right (k, in))}, float64 on the host, left @ right = L_k for every adapted layer of
+    `trained` (the run's `load_trained` model, which the caller loaded once for all it needs of it), calibrated on
+    `data` (`calibration`)."""
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
     from . import experts, interop
     from .prepare import visit_target_weights
-    from .train import config_of_run, load_trained, verified_source
+    from .train import config_of_run, verified_source
 
     meta = RunFolder(run_dir).read_complete()
-    data = fidelity.run_rows(run_dir, meta, AutoTokenizer.from_pretrained(run_dir), rows, split="train")
-    if data is None:
-        raise QMiLoRAError("--correction_rank calibrates on the run's training rows, which could not be rebuilt (the "
-                           "data file moved?); pass --correction_rank 0")
-    trained = load_trained(run_dir, model=model, lora_dropout=0.0)
     if experts.lora_layers(trained):
         raise QMiLoRAError("--correction_rank does not handle MoE expert stacks yet; pass --correction_rank 0")
     loras = interop.lora_layers(trained)

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -121,16 +122,15 @@ def to_original_lora(adapter_dir: str, output: str, model: str | None = None, ov
     _check_output(output, overwrite, adapter_dir, directory)
     state, config = original_lora(RunFolder(adapter_dir).residual_adapter(), os.path.join(adapter_dir, INITIAL),
                                   base_name(meta, directory))
+    answers, found = _from_trained(adapter_dir, meta, model, measure_rows, correction_rank, calibration_rows)
     if correction_rank:
         from . import correction
 
-        found = correction.factors(adapter_dir, model, correction_rank, calibration_rows)
         correction.add_to_lora(state, config, found, config["lora_alpha"] / config["r"])
     with _output(output, overwrite) as tmp:
         write_adapter(tmp, state, config)
         _copy_tokenizer(adapter_dir, tmp)
-        report = measure(adapter_dir, meta, "original-lora", lambda: _original_with_lora(directory, tmp, meta),
-                         measure_rows, model=model)
+        report = _report("original-lora", answers, lambda: _original_with_lora(directory, tmp, meta))
         cards.write(tmp, "original-lora", meta, report, rank=config["r"],
                     correction=_correction_note(correction_rank, calibration_rows))
     return output, report
@@ -163,41 +163,72 @@ def _plain(directory: str, meta: dict):
     return AutoModelForCausalLM.from_pretrained(directory, device_map={"": _device(meta)})
 
 
-def measure(adapter_dir: str, meta: dict, kind: str, load_artifact, rows: int, model: str | None = None,
-            trained=None) -> dict | None:
-    """The artifact's loss and top-1 agreement against the trained model on `rows` of the run's own data (None
-    when `rows` is 0 or the data is gone). Only the trained model's answers are kept (its top-1 tokens): a trained
-    model loaded here is dropped before the artifact loads."""
-    if rows <= 0:
-        return None
+@dataclass
+class _Answers:
+    """All that a measurement keeps of the trained model: its loss and top-1 tokens on the measuring rows."""
+    rows: fidelity.Rows
+    tokenizer: object
+    loss: float
+    tops: list[torch.Tensor]
+
+
+def _from_trained(adapter_dir: str, meta: dict, model: str | None, measure_rows: int, correction_rank: int = 0,
+                  calibration_rows: int = 0, convert=None) -> tuple[_Answers | None, object]:
+    """Everything an export needs from the trained model, from one load of it and one build of the run's data:
+    its answers on `measure_rows` rows of that data (None when 0 or the data is gone), the `correction_rank`
+    factors on `calibration_rows` training rows ({} when 0), or instead `convert(trained)`'s result. The trained
+    model is released before this returns, so that the artifact is written and loaded with no second model held."""
     from transformers import AutoTokenizer
 
     from .train import load_trained
 
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    data = fidelity.run_rows(adapter_dir, meta, tokenizer, rows)
-    if data is None or not data.tokens:
-        return None
-    if trained is None:
-        trained = load_trained(adapter_dir, model=model, lora_dropout=0.0)
-    trained_loss, tops = fidelity.reference(trained, data, tokenizer)
+    answers = rows = calibration = None
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir) if measure_rows > 0 or correction_rank else None
+    built = fidelity.run_data(adapter_dir, meta, tokenizer) if tokenizer is not None else None
+    if correction_rank:
+        from . import correction
+
+        calibration = correction.calibration(built, calibration_rows)  # refused before the slow load
+    if built is not None and measure_rows > 0:
+        rows = fidelity.take(built, measure_rows)
+        rows = rows if rows.tokens else None
+    del built
+    if rows is None and not correction_rank and convert is None:
+        return None, {}
+    trained = load_trained(adapter_dir, model=model, lora_dropout=0.0)
+    # the model as loaded first (calibration in its own mode), then put in eval mode by the measurement
+    if convert is not None:
+        result = convert(trained)
+    elif correction_rank:
+        result = correction.factors(adapter_dir, model, correction_rank, calibration, trained)
+    else:
+        result = {}
+    if rows is not None:
+        answers = _Answers(rows, tokenizer, *fidelity.reference(trained, rows, tokenizer))
     del trained
     gc.collect()
+    return answers, result
+
+
+def _report(kind: str, answers: _Answers | None, load_artifact) -> dict | None:
+    """The artifact's loss and top-1 agreement against the trained model's `answers` (None without them)."""
+    if answers is None:
+        return None
     artifact = load_artifact()
-    result = fidelity.score(kind, artifact, data, tokenizer, tops)
+    result = fidelity.score(kind, artifact, answers.rows, answers.tokenizer, answers.tops)
     del artifact
     gc.collect()
-    print(f"qmilora-export: trained model: loss {trained_loss:.4f} on {data.tokens} supervised tokens of "
-          f"{data.where}", file=sys.stderr)
-    print(f"qmilora-export: {result.line(trained_loss)}", file=sys.stderr)
-    return {**result.to_dict(), "trained_loss": trained_loss}
+    print(f"qmilora-export: trained model: loss {answers.loss:.4f} on {answers.rows.tokens} supervised tokens of "
+          f"{answers.rows.where}", file=sys.stderr)
+    print(f"qmilora-export: {result.line(answers.loss)}", file=sys.stderr)
+    return {**result.to_dict(), "trained_loss": answers.loss}
 
 
 def to_merged(adapter_dir: str, output: str, model: str | None = None, overwrite: bool = False,
               dtype: str = "bfloat16", measure_rows: int = 8) -> tuple[str, dict | None]:
-    """The trained model as a plain checkpoint: dequantized NF4 residual + s·B A, cast once to `dtype`."""
-    from .train import load_trained
-
+    """The trained model as a plain checkpoint: dequantized NF4 residual + s·B A, cast once to `dtype`. The trained
+    model is released once converted (its answers on the measuring rows kept), before the written checkpoint loads
+    to be measured."""
     _check_output(output, overwrite, adapter_dir, model)
     meta, directory = _source(adapter_dir, model)
     _check_output(output, overwrite, adapter_dir, directory)
@@ -206,13 +237,14 @@ def to_merged(adapter_dir: str, output: str, model: str | None = None, overwrite
     shards = checkpoint.shard_files(directory)
     checkpoint.check_free_space(os.path.dirname(os.path.abspath(output)), sum(map(os.path.getsize, shards)),
                                 "the merged model")
-    trained = load_trained(adapter_dir, model=model, lora_dropout=0.0)
-    plain = as_trained(trained, DTYPES[dtype])
+    answers, plain = _from_trained(adapter_dir, meta, model, measure_rows,
+                                   convert=lambda trained: as_trained(trained, DTYPES[dtype]))
     with _output(output, overwrite) as tmp:
         plain.save_pretrained(tmp)
         del plain
+        gc.collect()
         _copy_tokenizer(adapter_dir, tmp)
-        report = measure(adapter_dir, meta, "merged", lambda: _plain(tmp, meta), measure_rows, trained=trained)
+        report = _report("merged", answers, lambda: _plain(tmp, meta))
         cards.write(tmp, "merged", meta, report, dtype=dtype)
     return output, report
 
@@ -273,11 +305,6 @@ def to_original_merged(adapter_dir: str, output: str, model: str | None = None, 
     _check_output(output, overwrite, adapter_dir, model)
     meta, directory = _source(adapter_dir, model)
     _check_output(output, overwrite, adapter_dir, directory)
-    corrections = {}
-    if correction_rank:
-        from . import correction
-
-        corrections = correction.factors(adapter_dir, model, correction_rank, calibration_rows)
     residual = RunFolder(adapter_dir).residual_adapter()
     with open(os.path.join(residual, ADAPTER_CONFIG)) as f:
         scaling = (cfg := json.load(f))["lora_alpha"] / cfg["r"]
@@ -287,7 +314,10 @@ def to_original_merged(adapter_dir: str, output: str, model: str | None = None, 
     checkpoint.check_free_space(os.path.dirname(os.path.abspath(output)), sum(map(os.path.getsize, shards)),
                                 "the merged model")
     if cfg.get("target_parameters"):
+        if correction_rank:  # refused before the slow work, as `correction.factors` refuses expert stacks
+            raise QMiLoRAError("--correction_rank does not handle MoE expert stacks yet; pass --correction_rank 0")
         return _merged_through_loader(directory, adapter_dir, cfg, delta, scaling, output, overwrite), None
+    answers, corrections = _from_trained(adapter_dir, meta, model, measure_rows, correction_rank, calibration_rows)
     stored_transposed, prefix = _layout(directory)
     with _output(output, overwrite) as tmp:
         for path in shards:  # one shard in memory at a time
@@ -317,7 +347,7 @@ def to_original_merged(adapter_dir: str, output: str, model: str | None = None, 
         for name in os.listdir(directory):
             if name.endswith(".json") and not os.path.exists(os.path.join(tmp, name)):
                 shutil.copy2(os.path.join(directory, name), tmp)
-        report = measure(adapter_dir, meta, "original-merged", lambda: _plain(tmp, meta), measure_rows, model=model)
+        report = _report("original-merged", answers, lambda: _plain(tmp, meta))
         cards.write(tmp, "original-merged", meta, report,
                     correction=_correction_note(correction_rank, calibration_rows))
     return output, report

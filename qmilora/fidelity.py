@@ -40,10 +40,10 @@ class Score:
         return asdict(self)
 
 
-def run_rows(run_dir: str, meta: dict, tokenizer, limit: int, split: str = "eval") -> Rows | None:
-    """Up to `limit` rows of the run's eval split (else of its training rows), or with split="train" of its training
-    rows, rebuilt from the recorded data config (the split is seeded, so these are the rows the run held out). None
-    when the data is no longer readable."""
+def run_data(run_dir: str, meta: dict, tokenizer) -> tuple | None:
+    """(the run's training rows, its eval split or None), rebuilt from the recorded data config (the split is seeded,
+    so these are the rows the run held out); None when the data is no longer readable. Build it once and `take`
+    from it as often as needed."""
     from .data import DataConfig, build_dataset
 
     try:
@@ -52,6 +52,13 @@ def run_rows(run_dir: str, meta: dict, tokenizer, limit: int, split: str = "eval
     except (QMiLoRAError, TypeError, ValueError) as err:  # the data file moved, or the record predates a field
         log.warning("qmilora: cannot rebuild the run's data to measure fidelity (%s)", err)
         return None
+    return train, held
+
+
+def take(built: tuple, limit: int, split: str = "eval") -> Rows:
+    """Up to `limit` rows of `run_data`'s eval split (else of its training rows), or with split="train" of its
+    training rows."""
+    train, held = built
     if held is not None and split == "eval":
         data, where = held, "the eval split"
     else:
@@ -59,6 +66,12 @@ def run_rows(run_dir: str, meta: dict, tokenizer, limit: int, split: str = "eval
     rows = [data[i] for i in range(min(limit, len(data)))]
     tokens = sum(sum(1 for t in r["labels"][1:] if t != IGNORE) for r in rows)
     return Rows(rows, f"{len(rows)} rows of {where}", tokens)
+
+
+def run_rows(run_dir: str, meta: dict, tokenizer, limit: int, split: str = "eval") -> Rows | None:
+    """`take(run_data(...), limit, split)`: None when the data is no longer readable."""
+    built = run_data(run_dir, meta, tokenizer)
+    return None if built is None else take(built, limit, split)
 
 
 def _batches(model, rows: Rows, tokenizer, batch_size: int = 4):

@@ -289,6 +289,43 @@ def test_corrected_original_lora_reaches_the_trained_model_at_full_rank(trained,
                         "--correction_rank", "4"]) == 1
 
 
+def test_exports_hold_one_model_at_a_time(trained, tmp_path, monkeypatch):
+    """The trained model loads once per export (with --correction_rank too), the run's data is built once, and the
+    trained model is gone before the written artifact loads to be measured: never two models at once."""
+    import gc
+    import weakref
+
+    import qmilora.data
+    import qmilora.train
+
+    loads, builds, alive = [], [], []
+    load_trained, build_dataset, plain = qmilora.train.load_trained, qmilora.data.build_dataset, export._plain
+
+    def counted_load(*args, **kwargs):
+        model = load_trained(*args, **kwargs)
+        loads.append(weakref.ref(model))
+        return model
+
+    def counted_build(*args, **kwargs):
+        builds.append(1)
+        return build_dataset(*args, **kwargs)
+
+    def checked_plain(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in loads))
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(qmilora.train, "load_trained", counted_load)
+    monkeypatch.setattr(qmilora.data, "build_dataset", counted_build)
+    monkeypatch.setattr(export, "_plain", checked_plain)
+    _, report = export.to_merged(trained, str(tmp_path / "m"), dtype="float32", measure_rows=4)
+    assert report["top1_agreement"] == 1.0 and (len(loads), len(builds), alive) == (1, 1, [0])
+    loads.clear(), builds.clear(), alive.clear()
+    _, report = export.to_original_merged(trained, str(tmp_path / "om"), measure_rows=4, correction_rank=4,
+                                          calibration_rows=4)
+    assert report["tokens"] > 0 and (len(loads), len(builds), alive) == (1, 1, [0])
+
+
 def test_push_to_hub_is_refused_before_any_work(tiny_llm, tmp_path, capsys):
     """Trainer would upload the folder as it saves it, residual-form adapter on top: refused, pointing to exports."""
     assert train_main(["--model", tiny_llm, "--output_dir", str(tmp_path / "run"), "--push_to_hub", "true",
