@@ -2,11 +2,11 @@
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["QMiLoRAConfig", "QMiLoRAError", "MinorSplit", "minor_split", "prepare_model"]
+__all__ = ["QMiLoRAConfig", "QMiLoRAError", "MinorSplit", "minor_split", "prepare_model", "use_fused_lora"]
 
 # Imported on first use, not here: `qmilora <verb> --help` imports this package and must not wait for torch.
 _HOME = {"QMiLoRAConfig": "config", "QMiLoRAError": "config", "MinorSplit": "decompose", "minor_split": "decompose",
-         "prepare_model": "prepare"}
+         "prepare_model": "prepare", "use_fused_lora": "interop"}
 
 
 def __getattr__(name: str):

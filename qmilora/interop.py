@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import types
 import uuid
 import warnings
 from collections.abc import Callable
@@ -325,3 +326,40 @@ def lora_layers(peft_model) -> dict[str, LoraLayer]:
 def is_bnb_lora(layer: LoraLayer) -> bool:
     """PEFT's bitsandbytes LoRA layer (dequantizes for merges, knows the 4-bit base), not its plain one."""
     return type(layer).__module__ == "peft.tuners.lora.bnb"
+
+
+def use_fused_lora(model: torch.nn.Module, enabled: bool = True) -> int:
+    """Route PEFT's bitsandbytes 4-bit LoRA layers through `fused.LoraOverFrozen` while they train (or, enabled=False,
+    back to PEFT's own forward); returns the number of layers changed. Any other state of a layer (merged, adapters
+    disabled, several active adapters, a LoRA variant such as DoRA, per-example adapter names, no gradients) runs
+    PEFT's forward unchanged."""
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, PeftLinear4bit):
+            if enabled:
+                module.forward = types.MethodType(_fused_forward, module)  # instance attribute: PEFT's class untouched
+            else:
+                module.__dict__.pop("forward", None)
+            changed += 1
+    return changed
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    from .fused import LoraOverFrozen
+
+    peft_forward = type(self).forward
+    active = self.active_adapters
+    if (args or kwargs or not torch.is_grad_enabled() or self.disable_adapters or self.merged or len(active) != 1
+            or active[0] not in self.lora_A or active[0] in self.lora_variant
+            or not getattr(self, "cast_input_dtype_enabled", True) or quantize.is_cpu_packed(self.base_layer.weight)
+            or any(p.requires_grad for p in self.base_layer.parameters())):
+        return peft_forward(self, x, *args, **kwargs)
+    name = active[0]
+    A, B, dropout = self.lora_A[name].weight, self.lora_B[name].weight, self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+    # PEFT casts the adapter's input to the adapter's dtype unless autocast is on (its own test, mirrored)
+    lora_dtype = None if torch.is_autocast_enabled() else A.dtype
+    return LoraOverFrozen.apply(x, A, B, self.base_layer, quantize.input_grad(self.base_layer), self.scaling[name], p,
+                                lora_dtype)

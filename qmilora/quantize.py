@@ -218,6 +218,18 @@ def dequantize(param: bnb.nn.Params4bit, dtype: torch.dtype | None = None) -> to
     return dequantize_4bit(param.data, state)
 
 
+def input_grad(layer: bnb.nn.Linear4bit):
+    """g ↦ g·W for a 4-bit layer, computed as bitsandbytes' own backward computes it (in the layer's compute dtype,
+    the weight dequantized anew, nothing kept between calls), in g's dtype."""
+
+    def grad(g: torch.Tensor) -> torch.Tensor:
+        g_compute = g.to(layer.compute_dtype or g.dtype)
+        weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(g_compute.dtype)
+        return torch.matmul(g_compute, weight).to(g.dtype)
+
+    return grad
+
+
 def round_trip(weight: torch.Tensor, *, quant_type: str, blocksize: int, double_quant: bool) -> torch.Tensor:
     """bitsandbytes' own quantize → dequantize of `weight`, in its dtype (the reference for tests and stats)."""
     data, state = quantize_4bit(weight.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
@@ -277,5 +289,5 @@ def is_cpu_packed(param: torch.Tensor) -> bool:
     return bool(getattr(getattr(param, "quant_state", None), "packing_format_for_cpu", False))
 
 
-__all__ = ["QuantState", "as_storage", "empty_4bit_linear", "is_4bit_param", "quantize", "quantize_experts", "dequantize_expert", "quantize_calibrated", "pack", "unpack", "dequantize", "round_trip", "set_weight", "is_4bit_linear",
+__all__ = ["QuantState", "as_storage", "empty_4bit_linear", "is_4bit_param", "quantize", "quantize_experts", "dequantize_expert", "quantize_calibrated", "pack", "unpack", "dequantize", "round_trip", "input_grad", "set_weight", "is_4bit_linear",
            "is_quantized_module", "keep_training_layout", "is_cpu_packed"]

@@ -14,7 +14,7 @@ import torch
 from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
                           TrainingArguments)
 
-from . import cache, checkpoint, console, cpu, files as qfiles, loss as lm_loss
+from . import cache, checkpoint, console, cpu, files as qfiles, interop, loss as lm_loss
 from .config import QMiLoRAConfig, QMiLoRAError
 from .data import DataConfig, build_dataset, check_file, show_example
 from .runfolder import ADAPTER_FILE, RESIDUAL, RunFolder
@@ -29,6 +29,7 @@ class RunConfig:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start a new run in an --output_dir that holds an earlier run's results, removing what that run wrote (never other files)."})
     chunked_loss: bool = field(default=True, metadata={"help": "Compute the loss in chunks of the supervised tokens, never holding full-vocabulary logits (checked against the model's own loss before training; off by itself where they differ, and under --use_liger_kernel)."})
     offload_activations: bool = field(default=False, metadata={"help": "Keep the activation checkpoints in pinned host memory until backward (for long sequences on a GPU; slower)."})
+    fused_lora: bool = field(default=True, metadata={"help": "Run each 4-bit LoRA layer as one autograd function (outputs and gradients equal to PEFT's layer; keeps less for backward). Off under FSDP."})
 
 
 class TrainerArguments(TrainingArguments):
@@ -268,6 +269,8 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
         check_packing_isolates(model, collator, train_set)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)
+    if run.fused_lora and not fsdp:  # FSDP's flat parameters are not the layers' own 4-bit weights
+        log.info("qmilora: %d 4-bit LoRA layers fused", interop.use_fused_lora(model))
     chunked = _use_chunked_loss(run, args, model, collator, train_set)
     if chunked and fsdp:  # it reads the head's weight outside the forward, where FSDP keeps it sharded
         log.warning("qmilora: FSDP: using the model's own loss (the chunked loss reads the unsharded head)")
