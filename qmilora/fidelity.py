@@ -74,16 +74,19 @@ def run_rows(run_dir: str, meta: dict, tokenizer, limit: int, split: str = "eval
     return None if built is None else take(built, limit, split)
 
 
-def _batches(model, rows: Rows, tokenizer, batch_size: int = 4):
-    """(logits at the supervised positions (n, vocab) float32, their targets (n,)) per batch."""
+def _batches(model, rows, tokenizer, batch_size: int = 4, desc: str | None = None):
+    """(logits at the supervised positions (n, vocab) float32, their targets (n,)) per batch of `rows` (a list or a
+    dataset of tokenized rows), with a progress bar on a terminal when `desc` names it."""
+    from tqdm.auto import tqdm
     from transformers import DataCollatorForSeq2Seq
 
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)
     device = next(model.parameters()).device
     model.eval()
+    starts = range(0, len(rows), batch_size)
     with torch.no_grad():
-        for i in range(0, len(rows.rows), batch_size):
-            batch = collate(rows.rows[i: i + batch_size])
+        for i in tqdm(starts, desc=desc, unit="batch", disable=None if desc else True):
+            batch = collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))])
             logits = model(input_ids=batch["input_ids"].to(device),
                            attention_mask=batch["attention_mask"].to(device)).logits[:, :-1]
             labels = batch["labels"][:, 1:].to(device)
@@ -91,18 +94,33 @@ def _batches(model, rows: Rows, tokenizer, batch_size: int = 4):
             yield logits[keep].float(), labels[keep]
 
 
+def _loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return torch.nn.functional.cross_entropy(logits.double(), targets, reduction="sum").item()
+
+
+def mean_loss(model, rows, tokenizer, batch_size: int = 4, desc: str | None = None) -> float:
+    """Token-weighted mean cross-entropy (summed in float64) over the supervised positions of `rows` (a list or a
+    dataset of tokenized rows)."""
+    total, count = 0.0, 0
+    for logits, targets in _batches(model, rows, tokenizer, batch_size, desc):
+        total, count = total + _loss_sum(logits, targets), count + len(targets)
+    if not count:
+        raise QMiLoRAError("the rows hold no supervised tokens to compute a loss on")
+    return total / count
+
+
 def reference(model, rows: Rows, tokenizer) -> tuple[float, list[torch.Tensor]]:
     """The trained model's mean loss on `rows` and its top-1 tokens there (per batch)."""
     total, tops = 0.0, []
-    for logits, targets in _batches(model, rows, tokenizer):
-        total += torch.nn.functional.cross_entropy(logits.double(), targets, reduction="sum").item()
+    for logits, targets in _batches(model, rows.rows, tokenizer):
+        total += _loss_sum(logits, targets)
         tops.append(logits.argmax(-1).cpu())
     return total / max(rows.tokens, 1), tops
 
 
 def score(name: str, model, rows: Rows, tokenizer, tops: list[torch.Tensor]) -> Score:
     total, same = 0.0, 0
-    for (logits, targets), top in zip(_batches(model, rows, tokenizer), tops, strict=True):
-        total += torch.nn.functional.cross_entropy(logits.double(), targets, reduction="sum").item()
+    for (logits, targets), top in zip(_batches(model, rows.rows, tokenizer), tops, strict=True):
+        total += _loss_sum(logits, targets)
         same += int((logits.argmax(-1).cpu() == top).sum())
     return Score(name, total / max(rows.tokens, 1), same / max(rows.tokens, 1), rows.tokens, rows.where)

@@ -22,26 +22,10 @@ class EvalArgs:
 
 
 def mean_loss(model, rows, tokenizer, batch_size: int, desc: str | None = None) -> float:
-    """Token-weighted mean cross-entropy over the labelled tokens of `rows` (a progress bar on a terminal when
-    `desc` names it)."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import DataCollatorForSeq2Seq
+    """`fidelity.mean_loss`, imported when called: this module loads for --help, which needs no torch."""
+    from ..fidelity import mean_loss
 
-    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
-    total, count = 0.0, 0
-    model.eval()
-    starts = range(0, len(rows), batch_size)
-    with torch.no_grad():
-        for i in tqdm(starts, desc=desc, unit="batch", disable=None if desc else True):
-            batch = collate([rows[j] for j in range(i, min(i + batch_size, len(rows)))])
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                     ignore_index=-100, reduction="sum")
-            total, count = total + loss.item(), count + int((labels != -100).sum())
-    return total / count
+    return mean_loss(model, rows, tokenizer, batch_size, desc)
 
 
 def evaluate(args: EvalArgs) -> dict:
