@@ -108,11 +108,13 @@ def run_summary(out):
 
 def test_training_is_the_same_with_every_memory_option(tiny_llm, tmp_path, cache):
     """Gradient accumulation, packing and evaluation, with and without the options: same losses, same eval loss,
-    same adapter (within float rounding). Resuming with the chunked loss (the default) is test_train's kill -9 test."""
-    common = ("--max_steps", "4", "--learning_rate", "5e-3", "--lora_dropout", "0", "--val_size", "16",
+    same adapter (within float rounding). The reference runs PEFT's own LoRA layers and the model's loss; the others
+    the fused LoRA function (with dropout: the same masks). Resuming with the chunked loss (the default) is
+    test_train's kill -9 test."""
+    common = ("--max_steps", "4", "--learning_rate", "5e-3", "--lora_dropout", "0.1", "--val_size", "16",
               "--gradient_accumulation_steps", "2", "--packing", "true", "--eval_steps", "2", "--save_steps", "2")
     plain, chunked, offloaded = tmp_path / "plain", tmp_path / "chunked", tmp_path / "offloaded"
-    assert main(argv(tiny_llm, plain, cache, *common, "--chunked_loss", "false")) == 0
+    assert main(argv(tiny_llm, plain, cache, *common, "--chunked_loss", "false", "--fused_lora", "false")) == 0
     assert main(argv(tiny_llm, chunked, cache, *common)) == 0
     assert main(argv(tiny_llm, offloaded, cache, *common, "--offload_activations", "true")) == 0
     assert run_summary(plain)["loss"] == "model" and run_summary(offloaded)["loss"] == "chunked"
