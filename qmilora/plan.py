@@ -28,9 +28,10 @@ import functools
 from dataclasses import dataclass, field
 
 from . import interop, loss as lm_loss
-from .config import QMiLoRAConfig
+from .config import QMiLoRAConfig, QMiLoRAError
 
 GB = 2**30
+MAX_LAYERS = 1024  # the meta model of 1024 Llama layers builds in about 1.5 s
 _OPTIMIZER_BYTES = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "adamw_bnb_8bit": 2, "adamw_torch": 8,
                     "adamw_torch_fused": 8, "paged_adamw_32bit": 8, "sgd": 0}
 
@@ -79,7 +80,10 @@ def _count(config_json: str, config_class: type, target_modules: tuple[str, ...]
     from . import experts
     from .prepare import linear_layers, resolve_targets
 
-    with init_empty_weights():
+    _check_buildable(hf_config)
+    # include_buffers: every tensor is created on meta. Without it accelerate moves each parameter to meta only
+    # once the module has allocated it in host memory: a config with hidden_size 10**7 asked for gigabytes.
+    with init_empty_weights(include_buffers=True):
         model = AutoModelForCausalLM.from_config(hf_config)
     stacks = experts.expert_params(model)  # refuses what preparation refuses
     layers = linear_layers(model)
@@ -117,6 +121,18 @@ def _count(config_json: str, config_class: type, target_modules: tuple[str, ...]
             "largest_linear": largest, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
             "heads": cfg.num_attention_heads, "vocab": cfg.vocab_size, "num_experts": num_experts, "top_k": top_k,
             "expert_params": one_expert, "total_params": total, "active_params": active}
+
+
+def _check_buildable(hf_config) -> None:
+    """Refuse, before building, a depth whose module objects alone would take minutes and gigabytes of host memory
+    (a meta tensor holds no data, but every layer is still a few Python modules): far beyond any released model."""
+    configs = [hf_config, *(c for c in (hf_config.get_text_config(),) if c is not hf_config)]
+    for c in configs:
+        depth = getattr(c, "num_hidden_layers", None)
+        if isinstance(depth, int) and depth > MAX_LAYERS:
+            raise QMiLoRAError(f"num_hidden_layers {depth}: qmilora-plan builds the model's layers (on the meta "
+                               f"device, no weights) and stops at {MAX_LAYERS}; no released model has more than "
+                               "a few hundred")
 
 
 def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:

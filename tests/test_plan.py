@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from qmilora import prepare_model
+from qmilora import QMiLoRAConfig, prepare_model
 from qmilora.cli.plan import main as plan_main
 from qmilora.plan import PlanConfig, bytes_per_4bit_weight, count, parse_size, plan
 from qmilora.quantize import is_4bit_linear
@@ -135,3 +135,29 @@ def test_fsdp_shards_weights_adapters_and_optimizer(even_ckpt):
         assert sharded["host_weights_gb"] == pytest.approx(one["quantized_weights_gb"] + one["adapters_gb"])
         assert sharded["fsdp"] and not one["fsdp"] and one["host_weights_gb"] == 0
     assert plan_main(["--model", even_ckpt, "--rank", "8", "--num_gpus", "2", "--fsdp", "true"]) == 0
+
+
+def test_hostile_configs_are_answered_without_allocating(tmp_path, capsys):
+    """Widths no machine holds are planned from arithmetic on the meta device (an embedding of 10**13 floats could
+    not even be reserved); a depth whose mere module objects would take minutes is refused in one line."""
+    import time
+
+    from transformers import LlamaConfig
+
+    from conftest import one_line_error
+
+    wide = LlamaConfig(hidden_size=10**7, intermediate_size=4 * 10**7, num_hidden_layers=2, num_attention_heads=10**5,
+                       num_key_value_heads=10**5, vocab_size=10**6)
+    start = time.monotonic()
+    p = plan(PlanConfig(model="x"), QMiLoRAConfig(rank=8, compute_dtype="bfloat16"), wide)
+    h, f, v = 10**7, 4 * 10**7, 10**6
+    # 2 layers of 4 h×h attention weights and 3 h×f MLP weights; embeddings and head (untied) unquantized
+    assert p["total_params"] == 2 * (4 * h * h + 3 * h * f + 2 * h) + 2 * v * h + h
+    assert p["adapter_params"] == 8 * 2 * (4 * 2 * h + 3 * (h + f)) and not p["fits"]
+    (tmp_path / "deep").mkdir()
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=10**6, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128).save_pretrained(tmp_path / "deep")
+    capsys.readouterr()
+    assert plan_main(["--model", str(tmp_path / "deep")]) == 1
+    assert "num_hidden_layers 1000000" in one_line_error(capsys, "qmilora-plan")
+    assert time.monotonic() - start < 5
