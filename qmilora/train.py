@@ -264,11 +264,7 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     # checkpoints are rotated by the run folder, which removes only their recorded files (Trainer deletes folders)
     keep, args.save_total_limit = args.save_total_limit, None
     progress = _Progress(folder, keep)
-    if dcfg.packing:  # one row per batch, no padding; the model separates the examples by their position ids
-        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
-        check_packing_isolates(model, collator, train_set)
-    else:
-        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)
+    collator, packed = choose_collator(model, tokenizer, dcfg.packing, train_set)
     if run.fused_lora and not fsdp:  # FSDP's flat parameters are not the layers' own 4-bit weights
         log.info("qmilora: %d 4-bit LoRA layers fused", interop.use_fused_lora(model))
     chunked = _use_chunked_loss(run, args, model, collator, train_set)
@@ -297,7 +293,8 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
                "tokens_per_second_counts": "supervised tokens (labelled, not padding) of this session",
                "peak_memory_gb": round(_peak_gb(args), 3), "data_format": fmt, "train_rows": len(train_set),
                "eval_rows": len(eval_set) if eval_set is not None else 0,
-               "loss": "chunked" if chunked else ("liger" if args.use_liger_kernel else "model")}
+               "loss": "chunked" if chunked else ("liger" if args.use_liger_kernel else "model"), "packing": packed,
+               "fused_lora": bool(run.fused_lora and not fsdp)}
     if eval_set is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]  # every process takes part
     # under FSDP every process takes part in gathering the full weights; the main process writes them
@@ -345,15 +342,33 @@ def check_not_finished(checkpoint_dir: str, args: TrainingArguments) -> None:
                            f"{args.num_train_epochs:g}: there is nothing left to train; pass more epochs to train longer")
 
 
-def check_packing_isolates(model, collator, train_set) -> None:
-    """Refuse --packing where the model lets packed examples attend to each other: the logits of two examples
+def choose_collator(model, tokenizer, packing: bool | None, train_set):
+    """(collator, packed). Padding-free packing (one row per batch, no padding; the model separates the examples by
+    their position ids) where asked for or, by default, where the model keeps packed examples apart; padded
+    batches otherwise. Both give each batch the same examples and supervised tokens."""
+    padded = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)
+    if packing is False:
+        return padded, False
+    flattening = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    why = packing_mixes(model, flattening, train_set)
+    if why is None:
+        return flattening, True
+    if packing:
+        raise QMiLoRAError(f"--packing: {why}; train without --packing")
+    log.info("qmilora: padded batches, not packed ones: %s", why)
+    return padded, False
+
+
+def packing_mixes(model, collator, train_set) -> str | None:
+    """Why packing would not keep examples apart on this model, or None where it does: the logits of two examples
     flattened into one row must equal their logits alone (transformers builds per-example masks from the position
     ids for the architectures it has moved to its masking utilities; others would mix examples silently)."""
     rows = [{k: train_set[i][k] for k in ("input_ids", "labels")} for i in range(min(2, len(train_set)))]
     if len(rows) < 2:
-        return
+        return None
     device = next(p.device for p in model.parameters())
     flat = collator(rows)
+    name = type(model.get_base_model()).__name__
     was_training = model.training
     model.eval()  # dropout off; gradients stay enabled (a no-grad eval forward repacks 4-bit CPU weights)
     try:
@@ -362,12 +377,14 @@ def check_packing_isolates(model, collator, train_set) -> None:
                        use_cache=False).logits[0]
         alone = torch.cat([model(input_ids=torch.tensor([r["input_ids"]], device=device), use_cache=False).logits[0]
                            for r in rows])
+    except (TypeError, ValueError, RuntimeError) as err:  # e.g. a model without position ids
+        return f"{name} does not take packed rows ({str(err).strip().splitlines()[0][:120]})"
     finally:
         model.train(was_training)
     gap = (packed.float() - alone.float()).abs().max().item()
     if gap > 1e-2 * alone.float().abs().max().item() + 1e-4:
-        raise QMiLoRAError(f"--packing: {type(model.get_base_model()).__name__} lets packed examples attend to each "
-                           f"other (logits differ by {gap:.3g} from the examples alone); train without --packing")
+        return f"{name} lets packed examples attend to each other (logits differ by {gap:.3g} from the examples alone)"
+    return None
 
 
 def check_data_fits(directory: str, sets: list) -> None:

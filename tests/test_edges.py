@@ -421,13 +421,14 @@ def test_a_sandboxed_chat_template_failure_is_one_clear_line(capsys):
     assert "the template sandbox forbids" in one_line_error(capsys)
 
 
-def test_packing_keeps_examples_apart(tiny_ckpt):
+def test_packing_keeps_examples_apart(tiny_ckpt, caplog, monkeypatch):
     """Flattened examples give each its own logits (the check train runs), and the check catches a packing that
-    lets them attend to each other (position ids that do not restart)."""
+    lets them attend to each other (position ids that do not restart): refused when asked for, padded batches by
+    default."""
     from transformers import DataCollatorWithFlattening
 
     from qmilora import QMiLoRAConfig, prepare_model
-    from qmilora.train import check_packing_isolates
+    from qmilora import train as qtrain
 
     d, _ = tiny_ckpt
     model = prepare_model(d, QMiLoRAConfig(rank=4, device="cpu", prepared_cache=False))
@@ -435,15 +436,25 @@ def test_packing_keeps_examples_apart(tiny_ckpt):
     collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
     flat = collator(rows)
     assert flat["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]] and flat["labels"][0, 5] == -100
-    check_packing_isolates(model, collator, rows)
+    assert qtrain.packing_mixes(model, collator, rows) is None
+    for packing in (None, True):
+        assert qtrain.choose_collator(model, None, packing, rows)[1] is True
+    assert qtrain.choose_collator(model, None, False, rows)[1] is False
 
-    def mixing(features):
-        batch = collator(features)
-        batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
-        return batch
+    class Mixing(DataCollatorWithFlattening):
+        def __call__(self, features, *a, **kw):
+            batch = super().__call__(features, *a, **kw)
+            batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
+            return batch
 
+    assert "lets packed examples attend to each other" in qtrain.packing_mixes(model, Mixing(
+        return_position_ids=True, separator_id=-100), rows)
+    monkeypatch.setattr(qtrain, "DataCollatorWithFlattening", Mixing)
     with pytest.raises(QMiLoRAError, match="lets packed examples attend to each other"):
-        check_packing_isolates(model, mixing, rows)
+        qtrain.choose_collator(model, None, True, rows)
+    with caplog.at_level("INFO", logger="qmilora"):
+        assert qtrain.choose_collator(model, None, None, rows)[1] is False
+    assert "padded batches, not packed ones" in caplog.text
 
 
 def test_an_unreachable_hub_id_fails_at_once(monkeypatch):

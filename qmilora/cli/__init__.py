@@ -88,7 +88,7 @@ def parse_flags(prog: str, groups: tuple, argv: list[str], description: str | No
     from ..config import QMiLoRAError
     from .flags import remember
 
-    parser = tidy_negations(one_line_errors(HfArgumentParser(groups, prog=prog, description=description)))
+    parser = bare_booleans(tidy_negations(one_line_errors(HfArgumentParser(groups, prog=prog, description=description))))
     remember(prog, parser)
     *parsed, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if rest:
@@ -116,4 +116,15 @@ def tidy_negations(parser):
         if isinstance(action, argparse._StoreFalseAction) and action.option_strings[0] == f"--no_{action.dest}":
             action.help = f"The same as --{action.dest} false."
             action.default = argparse.SUPPRESS  # shown by no formatter; the flag's own action holds the default
+    return parser
+
+
+def bare_booleans(parser):
+    """A `bool | None` field (None: decided by the run) takes true/false like a bool field, and a bare `--flag` means
+    true as it does for bool fields; HfArgumentParser would demand a value."""
+    from transformers.hf_argparser import string_to_bool
+
+    for action in parser._actions:
+        if action.type is string_to_bool and action.nargs is None and action.option_strings:
+            action.nargs, action.const = "?", True
     return parser
