@@ -10,8 +10,9 @@
 #
 # Device time is scarce, so steps run in order of value under one deadline (QMILORA_GPU_BUDGET_S seconds, default
 # 520): a step that fails or runs out of time is reported and the next one still runs; the exit status says whether
-# every step ran and passed. QMILORA_GPU_STEPS picks step groups (default "cli solver 7b moe tests"; also "long",
-# "13b"), e.g. after the 7B results are in: QMILORA_GPU_STEPS="cli tests long 13b".
+# every step ran and passed. QMILORA_GPU_STEPS picks step groups (default "cli speed solver 7b moe tests"; also
+# "long", "13b"), e.g. after the 7B results are in: QMILORA_GPU_STEPS="cli tests long 13b". With --tiny the default
+# leaves out "speed" (tests/test_benchmarks.py runs speed.py on its own); name it to run it.
 set -uo pipefail
 cd "$(dirname "$0")"
 py=$(command -v python3 || command -v python)
@@ -25,9 +26,10 @@ export PYTHONPATH="$(cd .. && pwd)${PYTHONPATH:+:$PYTHONPATH}" TQDM_DISABLE=1 PY
 $py -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" || exit 1
 
 if [ "${1:-}" = "--tiny" ]; then
-  shapes=(96x64 128x96); shape=tiny; seq=32; steps=2; rank=8; moe=tinymoe; tests=""
+  shapes=(96x64 128x96); shape=tiny; seq=32; steps=2; rank=8; moe=tinymoe; tests=""; groups="cli solver 7b moe tests"
 else
   shapes=(4096x4096 11008x4096 13824x5120); shape=llama2-7b; seq=2048; steps=10; rank=64; moe=qwen3-moe-2l; tests=1
+  groups="cli speed solver 7b moe tests"
 fi
 dev=$($py -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 results=${QMILORA_BENCH_RESULTS:-results}
@@ -35,7 +37,7 @@ work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 export QMILORA_BENCH_CACHE=$work/cache  # prepare.py fills it, train.py's QMiLoRA loads from it
 deadline=$((SECONDS + ${QMILORA_GPU_BUDGET_S:-520}))
 failed=0
-steps_wanted=" ${QMILORA_GPU_STEPS:-cli solver 7b moe tests} "  # the order is always this file's
+steps_wanted=" ${QMILORA_GPU_STEPS:-$groups} "  # the order is always this file's
 step() {  # step NAME COMMAND...: run under the time left; a failure or timeout is reported, not fatal
   local name=$1 left=$((deadline - SECONDS)); shift
   local group=${name%%:*}
@@ -49,11 +51,16 @@ step() {  # step NAME COMMAND...: run under the time left; a failure or timeout 
 
 # 0. qmilora-train through its CLI with this device's defaults, plain and under the shipped FSDP config
 step cli $py cli_smoke.py
+# the random checkpoint at $shape, written once to $work/ckpt for the speed and 7b steps (whichever runs first)
+checkpoint=($py -c "import common, os, sys; print('reusing' if os.path.isfile(os.path.join(sys.argv[2], 'model.safetensors.index.json')) else '%.1f GB' % common.write_random_checkpoint(sys.argv[1], sys.argv[2]))" $shape "$work/ckpt")
+# 0b. every training option on and off through qmilora-train, against QLoRA, on that checkpoint (own prepared cache)
+step speed:checkpoint "${checkpoint[@]}"
+step speed:run $py speed.py --shape $shape --checkpoint "$work/ckpt" --seq $seq --steps $(( steps < 4 ? steps : 4 )) \
+  --batch 2 --rank $rank --repeat 1
 # 1. the minor solver against torch.linalg.svd fp32: time and subspace error
 step solver $py decompose.py --shapes "${shapes[@]}" --rank $rank --repeat 1 --solvers gram svd --model ""
 # 2. preparation: streamed QMiLoRA (writing its cache entry) against the official whole-model route
-step 7b:checkpoint $py -c "import common, sys; print('%.1f GB' % common.write_random_checkpoint(sys.argv[1], sys.argv[2]))" \
-  $shape "$work/ckpt"
+step 7b:checkpoint "${checkpoint[@]}"
 step 7b:prepare $py prepare.py --shape $shape --checkpoint "$work/ckpt" --rank $rank --methods official qmilora-auto \
   --official_fraction ${QMILORA_OFFICIAL_FRACTION:-0.0625}
 # 3. training: QMiLoRA against QLoRA on the same checkpoint

@@ -98,3 +98,24 @@ def test_quality_tasks_split_disjoint_and_fixed():
     assert skills == {"What", "Sort", "Spell", "Which"}
     with pytest.raises(SystemExit, match="too many"):
         quality.TASKS["bundled"].rows(160, 100)
+
+
+def test_speed_runs(tmp_path):
+    """speed.py end to end on CPU at the tiny shape: a warm-up that prepares, the qmilora-train default, one option
+    flipped, and the QLoRA baseline, each in its own process; both sides train on the same supervised tokens."""
+    env = {**os.environ, "QMILORA_BENCH_RESULTS": str(tmp_path), "TQDM_DISABLE": "1"}
+    args = ["--shape", "tiny", "--seq", "32", "--steps", "2", "--batch", "2", "--rank", "4", "--repeat", "1",
+            "--options", "chunked_loss"]
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "speed.py"), *args], cwd=BENCH, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    result = json.load(open(tmp_path / "speed-tiny-cpu.json"))
+    assert [r["row"] for r in result["rows"]] == ["default", "chunked_loss=false", "qlora"]
+    runs = {r["row"]: r for r in result["runs"]}
+    assert all(r["rc"] == 0 and r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0 for r in runs.values()), runs
+    assert runs["default"]["loss"] == "chunked" and runs["chunked_loss=false"]["loss"] == "model"
+    assert "--chunked_loss false" in runs["chunked_loss=false"]["command"] and "--child qlora" in runs["qlora"]["command"]
+    assert runs["qlora"]["supervised_tokens"] == runs["default"]["supervised_tokens"] > 0  # the same batches
+    assert result["rows"][2]["speed_vs_qlora"] == 1 and result["rows"][0]["speed_vs_default"] == 1
+    assert result["machine"]["commit"] and result["machine"]["torch"] and result["machine"]["peft"]
+    assert "| qlora |" in out.stdout
