@@ -7,7 +7,7 @@ Rows (each a fresh process; the prepared model comes from one shared cache, fill
     qlora                    PEFT get_peft_model on a transformers 4-bit load (nf4, double quant,
                              prepare_model_for_kbit_training, all-linear, qmilora's rank/alpha/dropout), trained by
                              transformers' Trainer with the TrainingArguments qmilora-train builds from the same flags,
-                             on the same tokenized rows through the same collator
+                             on the same tokenized rows batched as the default row batches them (packed or padded)
 
 Every row reports what qmilora-train's run summary reports: supervised tokens/s (labelled positions over the wall
 time of Trainer.train, first step included), peak memory (CUDA: max allocated; CPU: peak RSS of the process) and the
@@ -39,7 +39,8 @@ from transformers import Trainer
 
 from common import SHAPES, run_qmilora, table, write, write_random_checkpoint
 
-# one row per option: (name, qmilora-train flag whose default the row flips, what the row needs besides the flag)
+# one row per option: (name, qmilora-train flag whose default the row flips, what the row needs besides the flag).
+# A flag defaulting to None is automatic (on where it works, as --packing): its row sets it false.
 OPTIONS = [
     ("packing", "--packing", None),
     ("chunked_loss", "--chunked_loss", None),
@@ -77,14 +78,14 @@ def option_rows(selected: list[str]) -> tuple[list[tuple[str, list[str]]], dict]
             skipped[name] = f"qmilora-train has no {flag}"
             continue
         default = parser.get_default(actions[flag].dest)
-        if not isinstance(default, bool):
+        if default is not None and not isinstance(default, bool):
             skipped[name] = f"{flag} defaults to {default!r}, not a boolean to flip"
             continue
         why = requirement_missing(need)
         if why:
             skipped[name] = why
             continue
-        value = str(not default).lower()
+        value = "false" if default is None else str(not default).lower()
         rows.append((f"{name}={value}", [flag, value]))
     return rows, skipped
 
@@ -172,7 +173,8 @@ def measure(name: str, argv: list[str], out: str, cache: str) -> dict:
         return row
     return {**row, "tokens_per_s": summary["tokens_per_second"], "peak_memory_gb": summary["peak_memory_gb"],
             "train_loss": round(summary["train_loss"], 4), "wall_s": summary["wall_seconds"],
-            "supervised_tokens": summary["supervised_tokens"], "steps": summary["steps"], "loss": summary["loss"]}
+            "supervised_tokens": summary["supervised_tokens"], "steps": summary["steps"], "loss": summary["loss"],
+            "packing": summary.get("packing"), "fused_lora": summary.get("fused_lora")}
 
 
 class CountingTrainer(Trainer):
@@ -189,17 +191,18 @@ class CountingTrainer(Trainer):
 
 def qlora_child(argv: list[str]) -> None:
     """The qlora row: qmilora-train's flags parsed by qmilora-train's own parser, the data built by qmilora's data
-    code, the model made by PEFT on a transformers 4-bit load. Prints `RESULT {summary}`."""
+    code and batched by qmilora-train's collator choice (packed where the default packs), the model made by PEFT on a
+    transformers 4-bit load. Prints `RESULT {summary}`."""
     import time
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from qmilora import cpu
     from qmilora.cli.train import parse
     from qmilora.data import build_dataset
     from qmilora.quantize import keep_training_layout
-    from qmilora.train import _peak_gb  # the probe qmilora-train's summary uses
+    from qmilora.train import _peak_gb, choose_collator  # the memory probe of qmilora-train's summary
 
     run, qcfg, dcfg, args = parse(argv)
     threads, _ = cpu.choose(qcfg.threads)
@@ -208,10 +211,10 @@ def qlora_child(argv: list[str]) -> None:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_set, _, _ = build_dataset(dcfg, tokenizer)
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)  # as qmilora-train's
     device = "cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda"
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qcfg.quant_type,
-                             bnb_4bit_use_double_quant=qcfg.double_quant, bnb_4bit_compute_dtype=qcfg.torch_compute_dtype)
+                             bnb_4bit_use_double_quant=qcfg.double_quant,
+                             bnb_4bit_compute_dtype=qcfg.torch_compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(run.model, quantization_config=bnb, dtype=qcfg.torch_compute_dtype,
                                                  device_map={"": device})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.activation_checkpointing,
@@ -221,6 +224,7 @@ def qlora_child(argv: list[str]) -> None:
                       target_modules=targets, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     keep_training_layout(model)
+    collator, packed = choose_collator(model, tokenizer, dcfg.packing, train_set)
     if args.include_num_input_tokens_seen == "all":  # as qmilora-train counts them (real tokens, no padding)
         args.include_num_input_tokens_seen = "non_padding"
     trainer = CountingTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
@@ -231,7 +235,8 @@ def qlora_child(argv: list[str]) -> None:
     print("RESULT " + json.dumps({
         "steps": trainer.state.global_step, "supervised_tokens": trainer.supervised_tokens,
         "wall_seconds": round(wall, 2), "tokens_per_second": round(trainer.supervised_tokens / max(wall, 1e-9), 1),
-        "peak_memory_gb": round(_peak_gb(args), 3), "train_loss": result.training_loss, "loss": "model"}), flush=True)
+        "peak_memory_gb": round(_peak_gb(args), 3), "train_loss": result.training_loss, "loss": "model",
+        "packing": packed, "fused_lora": False}), flush=True)
 
 
 def median_rows(runs: list[dict], names: list[str]) -> list[dict]:
@@ -243,7 +248,7 @@ def median_rows(runs: list[dict], names: list[str]) -> list[dict]:
         if ok:
             for key in ("tokens_per_s", "peak_memory_gb", "train_loss", "wall_s"):
                 row[key] = statistics.median(r[key] for r in ok)
-            row["loss"] = ok[0]["loss"]
+            row.update({k: ok[0].get(k) for k in ("loss", "packing", "fused_lora")})
         rows.append(row)
     base = {r["row"]: r for r in rows}
     for row in rows:
@@ -320,8 +325,8 @@ def main() -> None:
                 print(json.dumps(shown), flush=True)  # in the log even if a later row fails
 
     rows = median_rows(runs, [n for n, _ in order])
-    print(table(rows, ["row", "runs", "tokens_per_s", "peak_memory_gb", "train_loss", "loss", "speed_vs_qlora",
-                       "memory_vs_qlora", "speed_vs_default", "memory_vs_default"]))
+    print(table(rows, ["row", "runs", "tokens_per_s", "peak_memory_gb", "train_loss", "loss", "packing", "fused_lora",
+                       "speed_vs_qlora", "memory_vs_qlora", "speed_vs_default", "memory_vs_default"]))
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     failed = [r for r in runs if r["rc"]]

@@ -114,8 +114,10 @@ def test_speed_runs(tmp_path):
     runs = {r["row"]: r for r in result["runs"]}
     assert all(r["rc"] == 0 and r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0 for r in runs.values()), runs
     assert runs["default"]["loss"] == "chunked" and runs["chunked_loss=false"]["loss"] == "model"
-    assert "--chunked_loss false" in runs["chunked_loss=false"]["command"] and "--child qlora" in runs["qlora"]["command"]
+    assert "--chunked_loss false" in runs["chunked_loss=false"]["command"]
+    assert "--child qlora" in runs["qlora"]["command"]
     assert runs["qlora"]["supervised_tokens"] == runs["default"]["supervised_tokens"] > 0  # the same batches
+    assert runs["qlora"]["packing"] == runs["default"]["packing"] is not None
     assert result["rows"][2]["speed_vs_qlora"] == 1 and result["rows"][0]["speed_vs_default"] == 1
     assert result["machine"]["commit"] and result["machine"]["torch"] and result["machine"]["peft"]
     assert "| qlora |" in out.stdout
