@@ -1,0 +1,100 @@
+"""Position-wise blocks (a decoder layer's MLP) over the sequence in tiles, each tile under activation checkpointing.
+
+An MLP acts on each token alone, so y = MLP(x) equals the tiles' outputs concatenated, MLP(x[t₀:t₁]) ‖ MLP(x[t₁:t₂])
+‖ …, exactly. What differs is what is kept: the whole MLP keeps its intermediate activations for every token
+(for Llama-3-8B, several 14,336-wide tensors per token: the largest part of a recomputed layer at long context);
+tiled, each tile's are recomputed in backward one tile at a time, so only one tile's are ever alive. The price is
+one more forward of the MLP per step (two under layer checkpointing). DeepSpeed's and Liger-Kernel's "tiled MLP"
+do the same; here torch's own `checkpoint` does it, so it needs no Triton and runs on a CPU.
+
+Which blocks are position-wise is checked, not assumed from names: each candidate (a direct child of one of the
+model's decoder layers, as transformers' `_no_split_modules` names them, holding linear layers) must map a
+(1, T, hidden) tensor to one of the same shape, and its output on two halves must equal its output on the whole.
+Attention (tokens see each other), and MoE blocks that return router logits, fail and stay as they are.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def tile_position_wise(model: torch.nn.Module, tokens: int | None = None) -> list[str]:
+    """Compute the model's position-wise blocks in tiles of `tokens` (default: the hidden size, as DeepSpeed's
+    tiled MLP) while gradients are on; returns the names of the blocks changed."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.config.get_text_config().hidden_size
+    tile = tokens or hidden
+    layer_classes = set(getattr(base, "_no_split_modules", None) or ())
+    verdict: dict[type, bool] = {}
+    changed = []
+    for name, layer in base.named_modules():
+        if type(layer).__name__ not in layer_classes:
+            continue
+        for child_name, child in layer.named_children():
+            if not any(isinstance(m, torch.nn.Linear) for m in child.modules()):
+                continue
+            if type(child) not in verdict:
+                verdict[type(child)] = _position_wise(child, hidden)
+            if verdict[type(child)]:
+                _tile(child, tile)
+                changed.append(f"{name}.{child_name}")
+    return changed
+
+
+def untile(model: torch.nn.Module) -> int:
+    """Undo `tile_position_wise`; returns the number of blocks restored."""
+    restored = 0
+    for module in model.modules():
+        if "_qmilora_untiled" in module.__dict__:
+            del module.forward, module._qmilora_untiled, module._qmilora_tile
+            restored += 1
+    return restored
+
+
+def _tile(module: torch.nn.Module, tokens: int) -> None:
+    if "_qmilora_untiled" in module.__dict__:
+        module._qmilora_tile = tokens
+        return
+    module._qmilora_untiled, module._qmilora_tile = module.forward, tokens
+    module.forward = _TiledForward(module)
+
+
+class _TiledForward:
+    """The module's forward over tiles of the sequence (dimension -2) while gradients are on; as it was otherwise.
+    (An object, not a closure over the module, so that the module is not kept alive by a cycle of its own.)"""
+
+    def __init__(self, module):
+        self.module = [module]  # a list: not registered as a submodule
+
+    def __call__(self, x, *args, **kwargs):
+        module = self.module[0]
+        whole, tile = module._qmilora_untiled, module._qmilora_tile
+        if args or kwargs or not torch.is_grad_enabled() or x.dim() < 2 or x.shape[-2] <= tile:
+            return whole(x, *args, **kwargs)
+        return torch.cat([checkpoint(whole, part, use_reentrant=False) for part in x.split(tile, dim=-2)], dim=-2)
+
+
+@torch.no_grad()
+def _position_wise(block: torch.nn.Module, hidden: int) -> bool:
+    """Whether `block` maps (1, T, hidden) to (1, T, hidden) token by token (checked on 8 tokens in two halves)."""
+    param = next(block.parameters(), None)
+    if param is None:
+        return False
+    dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+    x = torch.randn(1, 8, hidden, generator=torch.Generator().manual_seed(0)).to(param.device, dtype)
+    was_training = block.training
+    block.eval()  # dropout off
+    try:
+        whole = block(x)
+        halves = [block(x[:, :4]), block(x[:, 4:])]
+    except Exception:  # needs other inputs (attention's masks and positions): not a position-wise block
+        return False
+    finally:
+        block.train(was_training)
+    if not (torch.is_tensor(whole) and whole.shape == x.shape and all(torch.is_tensor(h) for h in halves)):
+        return False
+    tiled = torch.cat(halves, dim=-2).float()
+    return bool((tiled - whole.float()).abs().max() <= 1e-3 * whole.float().abs().max() + 1e-6)
+
+
+__all__ = ["tile_position_wise", "untile"]
