@@ -14,7 +14,6 @@ import os
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -378,8 +377,7 @@ def _load(load_kwargs: dict, skel: Skeleton, cfg: QMiLoRAConfig, hessians: dict[
 
     def split(weight: torch.Tensor) -> decompose.MinorSplit:
         t = time.perf_counter()
-        with cpu.solver_limits(tuple(weight.shape), threads) if weight.device.type == "cpu" else nullcontext():
-            result = decompose.minor_split(weight, cfg.rank, cfg.scaling, solver=cfg.svd_solver)
+        result = decompose.minor_split(weight, cfg.rank, cfg.scaling, solver=cfg.svd_solver, threads=threads)
         stats.svd_seconds += time.perf_counter() - t
         stats.minor_energy.append(decompose.minor_energy(result, cfg.scaling, weight.square().sum().item()))
         return result
