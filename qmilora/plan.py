@@ -11,8 +11,11 @@ per target (per expert for a stack).
     FSDP over n GPUs: weights, adapters, gradients and optimizer state / n, plus two gathered decoder layers;
                the prepared model sits in host memory first (prepare: only the solver's workspace on the GPU)
     activations (per micro-batch token): checkpointed layer inputs L·h·2 bytes (in host memory with
-               offload), plus one layer recomputed (≈ 34·h + 5·heads·T bytes per token without fused attention,
-               34·h with it)
+               offload), plus one layer recomputed: ≈ 10·h + 9·m bytes per token (m: the MLP's width, top-k ×
+               an expert's for MoE; + 5·heads·T without fused attention). At Llama-2-7B's shape this is the
+               34·h measured on an H200; the MLP part (gate, up, their product and the fused LoRA masks, 9·m) is
+               modelled from what autograd keeps. With --tiled_mlp only one tile's MLP part is alive (tiles of h
+               tokens per sequence), plus its input kept per token (2·h)
     logits:    float32, ×3 (logits, log-softmax, their gradient): T·vocab·4 bytes each with the model's loss,
                one chunk (loss.CHUNK_BYTES) with the chunked loss; with checkpointing only the larger of the logits
                and the recomputed layer counts (one is alive at the end of forward, the other in backward)
@@ -47,6 +50,7 @@ class PlanConfig:
     gpu_memory: str = field(default="24GB", metadata={"help": "Card size to check the plan against, e.g. 24GB."})
     chunked_loss: bool = field(default=True, metadata={"help": "The chunked loss (qmilora-train's default): one chunk of float32 logits instead of all."})
     offload_activations: bool = field(default=False, metadata={"help": "Activation checkpoints in host memory (qmilora-train --offload_activations)."})
+    tiled_mlp: bool = field(default=False, metadata={"help": "Each layer's MLP over the sequence in tiles (qmilora-train --tiled_mlp)."})
     num_gpus: int = field(default=1, metadata={"help": "Data-parallel processes (torchrun / accelerate launch): each GPU holds the whole 4-bit model plus DDP's gradient buckets."})
     fsdp: bool = field(default=False, metadata={"help": "Sharded over the num_gpus processes (qmilora-train --fsdp): each GPU holds 1/num_gpus of the weights, adapters and optimizer state plus two gathered decoder layers; the model is prepared in host memory."})
 
@@ -117,7 +121,11 @@ def _count(config_json: str, config_class: type, target_modules: tuple[str, ...]
     one_expert = max(per_expert.values(), default=0)
     total = linear + expert_numel + other
     active = total - expert_numel + expert_layers * min(top_k, num_experts) * one_expert if stacks else total
+    text = cfg.get_text_config()
+    width = getattr(text, "moe_intermediate_size", None) if stacks else None
+    width = top_k * width if isinstance(width, int) else getattr(text, "intermediate_size", None)
     return {"linear": linear, "experts": expert_numel, "other": other, "adapter_in_out": adapter,
+            "mlp_width": width if isinstance(width, int) and width > 0 else 0,
             "largest_linear": largest, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
             "heads": cfg.num_attention_heads, "vocab": cfg.vocab_size, "num_experts": num_experts, "top_k": top_k,
             "expert_params": one_expert, "total_params": total, "active_params": active}
@@ -146,7 +154,13 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     adapters = adapter_params * 4
     grads_and_optimizer = adapter_params * (4 + optimizer_bytes + (4 if cfg.num_gpus > 1 and not cfg.fsdp else 0))
     tokens = cfg.max_seq_length * cfg.per_device_train_batch_size
-    per_layer = tokens * (34 * c["hidden"] + (0 if cfg.fused_attention else 5 * c["heads"] * cfg.max_seq_length))
+    h, m = c["hidden"], c["mlp_width"] or 24 * c["hidden"] // 9  # no width in the config: the calibrated 34·h
+    attention = 0 if cfg.fused_attention else 5 * c["heads"] * cfg.max_seq_length
+    if cfg.tiled_mlp:
+        tile = min(cfg.max_seq_length, h) * cfg.per_device_train_batch_size
+        per_layer = tokens * (10 * h + 2 * h + attention) + tile * 9 * m
+    else:
+        per_layer = tokens * (10 * h + 9 * m + attention)
     checkpoints = c["layers"] * tokens * c["hidden"] * 2 if cfg.activation_checkpointing else 0
     layers_kept = per_layer if cfg.activation_checkpointing else c["layers"] * per_layer
     routed = min(c["num_experts"], tokens * c["top_k"]) * c["expert_params"] * qcfg.torch_compute_dtype.itemsize

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("adapters (fp32)", p["adapters_gb"]), ("adapter grads + optimizer state", p["grads_and_optimizer_gb"]),
                 ("checkpointed activations" + (f" ({p['offloaded_gb']:.2f} GB offloaded to host)"
                                                 if cfg.offload_activations else ""), p["checkpoints_gb"]),
-                (f"larger of: recomputed layer, logits ({p['logits_gb']:.2f} GB, "
+                (f"larger of: recomputed layer{' (tiled MLP)' if cfg.tiled_mlp else ''}, logits ({p['logits_gb']:.2f} GB, "
                  + ("chunked loss)" if cfg.chunked_loss else "model's loss)"), p["transient_gb"]),
                 *([("routed experts' weights kept for one layer's backward", p["routed_experts_gb"])]
                   if p["num_experts"] else []),
@@ -69,10 +69,11 @@ def advice(cfg, qcfg, hf_config) -> str:
 
     from ..plan import parse_size, plan
 
-    options = replace(cfg, chunked_loss=True, offload_activations=True)
+    options = replace(cfg, chunked_loss=True, offload_activations=True, tiled_mlp=True)
     if plan(options, qcfg, hf_config)["fits"]:
         flags = [f for f, on in (("--chunked_loss true", not cfg.chunked_loss),
-                                 ("--offload_activations true", not cfg.offload_activations)) if on]
+                                 ("--offload_activations true", not cfg.offload_activations),
+                                 ("--tiled_mlp true", not cfg.tiled_mlp)) if on]
         for flag in flags:  # the cheapest single option that is enough
             single = replace(cfg, **{flag.split()[0][2:]: True})
             if plan(single, qcfg, hf_config)["fits"]:
@@ -82,7 +83,7 @@ def advice(cfg, qcfg, hf_config) -> str:
     while seq > 1 and not plan(replace(options, max_seq_length=seq), qcfg, hf_config)["fits"]:
         seq //= 2
     if seq >= 1 and plan(replace(options, max_seq_length=seq), qcfg, hf_config)["fits"]:
-        return f"fits with --max_seq_length {seq} --chunked_loss true --offload_activations true"
+        return f"fits with --max_seq_length {seq} --chunked_loss true --offload_activations true --tiled_mlp true"
     card = parse_size(cfg.gpu_memory)
     if plan(options, qcfg, hf_config)["quantized_weights_gb"] * 2**30 > card:
         return "does not fit at any sequence length: the weights alone exceed the card"
