@@ -120,6 +120,9 @@ def to_original_lora(adapter_dir: str, output: str, model: str | None = None, ov
     _check_output(output, overwrite, adapter_dir, model)
     meta, directory = _source(adapter_dir, model)
     _check_output(output, overwrite, adapter_dir, directory)
+    if correction_rank and not meta["qmilora"].get("quantize", True):
+        raise QMiLoRAError("--correction_rank corrects the 4-bit rounding of the residual, and this run kept it in "
+                           "full precision (quantize false): there is nothing to correct; pass --correction_rank 0")
     state, config = original_lora(RunFolder(adapter_dir).residual_adapter(), os.path.join(adapter_dir, INITIAL),
                                   base_name(meta, directory))
     answers, found = _from_trained(adapter_dir, meta, model, measure_rows, correction_rank, calibration_rows)

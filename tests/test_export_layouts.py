@@ -6,12 +6,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_tokenizer
+from conftest import one_line_error, tiny_tokenizer
 from test_architectures import build, rel
 
 
 @pytest.mark.parametrize("quantize", [True, False])
-def test_gpt2_exports(tmp_path, quantize):
+def test_gpt2_exports(tmp_path, quantize, capsys):
     from qmilora.cli.export import main as export_main
     from qmilora.cli.train import main as train_main
     from qmilora.train import load_trained
@@ -42,6 +42,11 @@ def test_gpt2_exports(tmp_path, quantize):
     assert rel(original_merged, with_lora) < 1e-5
     if not quantize:  # no rounding between W_res + s·B A and W + s·(B A − B₀ A₀): every export is the trained model
         assert rel(original_merged, trained) < 1e-5
+        # ... and no 4-bit rounding for --correction_rank to correct: refused in one line, nothing written
+        assert export_main(["--adapter", str(out), "--to", "original-lora", "--output", str(tmp_path / "corrected"),
+                            "--correction_rank", "2"]) == 1
+        assert "nothing to correct" in one_line_error(capsys, "qmilora-export")
+        assert not (tmp_path / "corrected").exists()
     else:  # ... while with NF4 the original-base exports miss the residual's rounding
         assert rel(original_merged, trained) > 1e-4
 
