@@ -181,7 +181,7 @@ def llm_like(out: int, inp: int, generator=None, device=None) -> torch.Tensor:
     return (U * S) @ V.T
 
 
-def write_random_checkpoint(shape: str, directory: str, dtype=torch.bfloat16) -> float:
+def write_random_checkpoint(shape: str, directory: str, dtype=torch.bfloat16, positions: int = 4096) -> float:
     """A random-weight model of a named shape (Llama unless the shape names a model_type) as sharded safetensors,
     built tensor by tensor on the meta device so that a 13B shape never sits in memory whole; MoE expert stacks get
     an LLM-like spectrum per expert. Returns the checkpoint size in GB."""
@@ -192,7 +192,7 @@ def write_random_checkpoint(shape: str, directory: str, dtype=torch.bfloat16) ->
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = dict(SHAPES[shape])
-    config = AutoConfig.for_model(spec.pop("model_type", "llama"), **spec, max_position_embeddings=4096,
+    config = AutoConfig.for_model(spec.pop("model_type", "llama"), **spec, max_position_embeddings=positions,
                                   tie_word_embeddings=False, dtype=dtype)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)

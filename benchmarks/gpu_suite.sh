@@ -75,7 +75,14 @@ if [ -n "$tests" ]; then
   xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
   step tests bash -c "cd .. && $py -m pytest -q -p no:cacheprovider $xdist -m 'not slow' tests"
   # 7. (ask for them: QMILORA_GPU_STEPS="... long 13b") long context at a Llama-3 vocabulary; a 13B preparation
-  step long $py train.py --shape llama3-8b --seq 8192 --steps 5 --warmup 1 --rank $rank
+  # through qmilora-train: 32k with offload, tiled MLP on/off, against QLoRA; then 128k with both (the plan beside)
+  step long:checkpoint $py -c "import common, sys; print('%.1f GB' % common.write_random_checkpoint(sys.argv[1], sys.argv[2], positions=131072))" \
+    llama3-8b "$work/ckpt8"
+  step long:32k $py speed.py --shape llama3-8b --checkpoint "$work/ckpt8" --cache "$work/cache8" --seq 32768 --batch 1 \
+    --steps 2 --rank $rank --options tiled_mlp --flags="--offload_activations true" --tag 32k
+  step long:128k $py speed.py --shape llama3-8b --checkpoint "$work/ckpt8" --cache "$work/cache8" --seq 131072 --batch 1 \
+    --steps 2 --rank $rank --options none --no_qlora --flags="--offload_activations true --tiled_mlp true" --tag 128k
+  rm -rf "$work/ckpt8" "$work/cache8"
   step 13b:checkpoint $py -c "import common, sys; print('%.1f GB' % common.write_random_checkpoint(sys.argv[1], sys.argv[2]))" \
     llama2-13b "$work/ckpt13"
   step 13b:prepare $py prepare.py --shape llama2-13b --checkpoint "$work/ckpt13" --rank $rank \

@@ -17,6 +17,11 @@ against the qmilora default.
     python benchmarks/speed.py --steps 6 --repeat 1                                  # the demo, bundled data, CPU
     python benchmarks/speed.py --shape tiny --seq 256 --steps 4 --options packing    # random weights, CPU
     python benchmarks/speed.py --shape llama2-7b --seq 2048 --steps 4 --repeat 1     # CUDA
+    python benchmarks/speed.py --shape llama3-8b --seq 131072 --batch 1 --steps 2 --options none --no_qlora \
+        --flags="--offload_activations true --tiled_mlp true" --tag 128k                # long context, CUDA
+
+--flags go to every row (QLoRA's too, which ignores QMiLoRA's own). Each row also shows qmilora-plan's peak for its
+settings (`plan_gb`), so a GPU run checks the plan where it measures.
 
 A random checkpoint (--shape, or --checkpoint without a tokenizer) gets a word-level tokenizer over the bundled
 data's words; the synthetic data (--data synthetic, the default except for the demo) are plain-text rows whose
@@ -30,6 +35,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import statistics
 import sys
 import tempfile
@@ -47,6 +53,7 @@ OPTIONS = [
     ("offload_activations", "--offload_activations", None),
     ("activation_checkpointing", "--activation_checkpointing", None),
     ("fused_lora", "--fused_lora", None),
+    ("tiled_mlp", "--tiled_mlp", None),
     ("liger", "--use_liger_kernel", "liger"),
 ]
 SPECIALS = ["<unk>", "<pad>", "</s>"]
@@ -239,6 +246,23 @@ def qlora_child(argv: list[str]) -> None:
         "packing": packed, "fused_lora": False}), flush=True)
 
 
+def planned(row: str, argv: list[str], directory: str) -> float | None:
+    """qmilora-plan's training peak (GB) for a row's settings (QLoRA's column for the qlora row)."""
+    from transformers import AutoConfig
+
+    from qmilora.cli.train import parse
+    from qmilora.plan import PlanConfig, plan
+
+    run, qcfg, dcfg, args = parse([*argv, "--output_dir", "unused"])
+    cfg = PlanConfig(model=directory, max_seq_length=dcfg.max_seq_length,
+                     per_device_train_batch_size=args.per_device_train_batch_size,
+                     activation_checkpointing=args.activation_checkpointing, optim=args.optim,
+                     chunked_loss=run.chunked_loss and not args.use_liger_kernel,
+                     offload_activations=run.offload_activations, tiled_mlp=run.tiled_mlp)
+    p = plan(cfg, qcfg, AutoConfig.from_pretrained(directory))
+    return round(p["qlora_train_peak_gb" if row == "qlora" else "train_peak_gb"], 3)
+
+
 def median_rows(runs: list[dict], names: list[str]) -> list[dict]:
     """One row per name: medians over its successful runs, ratios against qlora and the qmilora default."""
     rows = []
@@ -246,7 +270,7 @@ def median_rows(runs: list[dict], names: list[str]) -> list[dict]:
         ok = [r for r in runs if r["row"] == name and not r["rc"]]
         row = {"row": name, "runs": f"{len(ok)}/{sum(r['row'] == name for r in runs)}"}
         if ok:
-            for key in ("tokens_per_s", "peak_memory_gb", "train_loss", "wall_s"):
+            for key in ("tokens_per_s", "peak_memory_gb", "train_loss", "wall_s", "plan_gb"):
                 row[key] = statistics.median(r[key] for r in ok)
             row.update({k: ok[0].get(k) for k in ("loss", "packing", "fused_lora")})
         rows.append(row)
@@ -274,6 +298,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4, help="--per_device_train_batch_size (qmilora-train's default: 4)")
     p.add_argument("--rank", type=int, help="--rank (default: qmilora-train's)")
     p.add_argument("--repeat", type=int, default=1, help="runs of every row; the order alternates between repeats")
+    p.add_argument("--flags", default="", help="more qmilora-train flags for every row, e.g. --flags=\"--tiled_mlp true\"")
+    p.add_argument("--no_qlora", action="store_true", help="leave out the QLoRA row (where it cannot fit)")
+    p.add_argument("--cache", help="the prepared-model cache to use and keep (default: a temporary one)")
+    p.add_argument("--tag", default="", help="appended to the result's file name (e.g. the sequence length)")
     p.add_argument("--options", default="all",
                    help=f"comma-separated subset of {', '.join(n for n, _, _ in OPTIONS)}, 'all' or 'none'")
     args = p.parse_args()
@@ -295,7 +323,7 @@ def main() -> None:
         elif args.shape:
             directory, label = os.path.join(tmp, "ckpt"), args.shape
             print(f"writing a random {args.shape} checkpoint", flush=True)
-            write_random_checkpoint(args.shape, directory)
+            write_random_checkpoint(args.shape, directory, positions=max(4096, args.seq))
         else:
             from qmilora.demo import demo_model_dir
 
@@ -306,26 +334,30 @@ def main() -> None:
                 "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "0"]
         if args.rank:
             base += ["--rank", str(args.rank)]
+        base += shlex.split(args.flags)
         if data == "synthetic":
             path = os.path.join(tmp, "data.jsonl")
             write_data(path, directory, max(2, args.steps * args.batch), args.seq)
             base += ["--data", path, "--max_seq_length", str(args.seq)]
-        cache = os.path.join(tmp, "cache")
+        cache = os.path.abspath(args.cache) if args.cache else os.path.join(tmp, "cache")
         print("warm-up (prepares the model into the shared cache)", flush=True)
-        warm = measure("warm-up", [*base, "--max_steps", "1"], os.path.join(tmp, "warm"), cache)
+        # one short step: preparation is what it is for (a long-context step would double the step's time)
+        warm = measure("warm-up", [*base, "--max_steps", "1", "--max_seq_length", str(min(args.seq, 256))],
+                       os.path.join(tmp, "warm"), cache)
         if warm["rc"]:
             sys.exit(f"the warm-up run failed: {warm['error']}\n{warm['command']}")
-        order = [("default", [])] + variants + [("qlora", [])]
+        order = [("default", [])] + variants + ([] if args.no_qlora else [("qlora", [])])
         runs = []
         for i in range(args.repeat):
             for name, flags in (order if i % 2 == 0 else order[::-1]):
                 argv = [*base, "--max_steps", str(args.steps), *flags]
-                runs.append({"repeat": i, **measure(name, argv, os.path.join(tmp, f"{name}-{i}"), cache)})
+                runs.append({"repeat": i, **measure(name, argv, os.path.join(tmp, f"{name}-{i}"), cache),
+                             "plan_gb": planned(name, argv, directory)})
                 shown = {k: v for k, v in runs[-1].items() if k != "command"}
                 print(json.dumps(shown), flush=True)  # in the log even if a later row fails
 
     rows = median_rows(runs, [n for n, _ in order])
-    print(table(rows, ["row", "runs", "tokens_per_s", "peak_memory_gb", "train_loss", "loss", "packing", "fused_lora",
+    print(table(rows, ["row", "runs", "tokens_per_s", "peak_memory_gb", "plan_gb", "train_loss", "loss", "packing", "fused_lora",
                        "speed_vs_qlora", "memory_vs_qlora", "speed_vs_default", "memory_vs_default"]))
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
@@ -334,7 +366,7 @@ def main() -> None:
         print(f"FAILED {r['row']} (repeat {r['repeat']}): {r['error']}\n  {r['command']}")
     settings = {"model": label, "data": data, "seq": args.seq if data == "synthetic" else None, "steps": args.steps,
                 "batch": args.batch, "rank": args.rank, "repeat": args.repeat, "device": device}
-    path = write(f"speed-{label}-{device}", rows, {"settings": settings, "skipped": skipped, "runs": runs,
+    path = write(f"speed-{label}-{device}" + (f"-{args.tag}" if args.tag else ""), rows, {"settings": settings, "skipped": skipped, "runs": runs,
                                                   "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:])})
     print(f"wrote {path}")
     sys.exit(1 if failed else 0)
