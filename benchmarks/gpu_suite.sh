@@ -61,7 +61,7 @@ step speed:run $py speed.py --shape $shape --checkpoint "$work/ckpt" --seq $seq 
 step solver $py decompose.py --shapes "${shapes[@]}" --rank $rank --repeat 1 --solvers gram svd --model ""
 # 2. preparation: streamed QMiLoRA (writing its cache entry) against the official whole-model route
 step 7b:checkpoint "${checkpoint[@]}"
-step 7b:prepare $py prepare.py --shape $shape --checkpoint "$work/ckpt" --rank $rank --methods official qmilora-auto \
+step 7b:prepare $py prepare.py --shape $shape --checkpoint "$work/ckpt" --rank $rank --methods official qmilora-auto qmilora-auto~cpu \
   --official_fraction ${QMILORA_OFFICIAL_FRACTION:-0.0625}
 # 3. training: QMiLoRA against QLoRA on the same checkpoint
 step 7b:train $py train.py --shape $shape --checkpoint "$work/ckpt" --seq $seq --steps $steps --warmup 2 --rank $rank

@@ -63,9 +63,13 @@ def measure(method: str, directory: str, args) -> dict:
     elif method == "identity":  # the content hash alone, not overlapped with anything
         checkpoint.identity(directory, checkpoint.shard_files(directory), checkpoint.DigestMemo(memo))
     else:  # includes the content hash, which runs in a thread alongside the stream; "@N": --threads N
-        solver, _, threads = method.split("-")[1].partition("@")
-        prepare_model(directory, bench_config(args.rank, device, svd_solver=solver, prepared_cache=bool(shared),
-                                              cache_dir=memo, threads=int(threads) if threads.isdigit() else None))
+        # "qmilora-SOLVER[@THREADS][~SVD_DEVICE]", e.g. qmilora-auto~cpu (the float64 solver on the host's cores,
+        # the path "auto" takes on a GPU with slow float64: a consumer card's, measured on any GPU)
+        spec, _, where = method.split("-", 1)[1].partition("~")
+        solver, _, threads = spec.partition("@")
+        prepare_model(directory, bench_config(args.rank, device, svd_solver=solver, prepared_cache=bool(shared) and not where,
+                                              cache_dir=memo, threads=int(threads) if threads.isdigit() else None,
+                                              **({"svd_device": where} if where else {})))
     if device.type == "cuda":
         torch.cuda.synchronize()
     row = {"method": method, "seconds": time.perf_counter() - t, "peak_mb": peak_mb(device), **extra}

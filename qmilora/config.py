@@ -47,7 +47,7 @@ class QMiLoRAConfig:
     calibration_length: int = field(default=256, metadata={"help": "Tokens per calibration window."})
     compute_dtype: str | None = field(default=None, metadata={"help": "Dtype of the 4-bit matmuls and of the unquantized weights: float32, bfloat16 or float16. Default: bfloat16 on a GPU that supports it, else float32."})
     device: str = field(default="auto", metadata={"help": "Where the prepared model lives: auto (cuda:0 when there is a GPU, else cpu), cpu, cuda, cuda:1, ..."})
-    svd_device: str = field(default="auto", metadata={"help": "Where each weight's SVD runs: auto (same as device), cpu, cuda, ..."})
+    svd_device: str = field(default="auto", metadata={"help": "Where each weight's SVD runs: auto (the model's device; on a GPU, the CPU instead where a timed probe finds the host's cores faster at the float64 solver, as on consumer GPUs with slow float64), cpu, cuda, ..."})
     threads: int | None = field(default=None, metadata={"help": "CPU threads for preparation and training (also $QMILORA_THREADS). Default: the cores not kept busy by other processes at start (their runnable threads in /proc/loadavg; under torchrun the cores divided among its processes); the choice and its reason are logged and recorded in the run summary. The solver uses 1 thread for weights under 2048 wide."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where prepared models are cached. Default: $QMILORA_CACHE or ~/.cache/qmilora."})
     prepared_cache: bool = field(default=True, metadata={"help": "Reuse (and write) a cached prepared model keyed by the source checkpoint and every field that changes it."})

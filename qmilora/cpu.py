@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
+import time
 
 import torch
 
@@ -130,3 +132,36 @@ def slow_half_precision(dtype: torch.dtype) -> bool:
         return not check()
     except (AttributeError, RuntimeError):
         return False
+
+
+PROBE_SHAPE = (2048, 4096)  # wide enough for the solver's threaded path; about a second on two cores
+
+
+def solver_device(device: torch.device, threads: int) -> tuple[torch.device, str]:
+    """Where "auto" runs the minor solver for a model on `device`, and why. The solver is float64 (Gram matrix and
+    eigendecomposition); data-centre GPUs run float64 at half their float32 rate, consumer GPUs (GeForce, RTX) at
+    1/32-1/64 of it, where the host's cores can be faster. So on a GPU both are timed once per process on one
+    PROBE_SHAPE weight, and the faster one runs every weight."""
+    if device.type != "cuda":
+        return device, "the model's device"
+    gpu, host = _probe_seconds(str(device), threads), _probe_seconds("cpu", threads)
+    name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
+    if host < gpu:
+        return torch.device("cpu"), (f"the float64 solver measured {gpu / host:.1f}x faster on {threads} CPU "
+                                     f"thread{'s' if threads != 1 else ''} than on {name}")
+    return device, f"the float64 solver measured {host / gpu:.1f}x faster on {name} than on {threads} CPU threads"
+
+
+@functools.cache
+def _probe_seconds(device: str, threads: int) -> float:
+    """Seconds of one minor split (rank 16) of a random PROBE_SHAPE weight on `device`, after a warm-up."""
+    from .decompose import minor_split
+
+    weight = torch.randn(PROBE_SHAPE, generator=torch.Generator().manual_seed(0)).to(device)
+    sync = torch.cuda.synchronize if weight.device.type == "cuda" else (lambda: None)
+    minor_split(weight[:256, :512], 16, threads=threads)  # first-call costs (solver handles, thread pools)
+    sync()
+    start = time.perf_counter()
+    minor_split(weight, 16, threads=threads)
+    sync()
+    return time.perf_counter() - start
