@@ -10,9 +10,13 @@ name from the experts interface (`config._experts_implementation`). QMiLoRA regi
 
 Few routed (token, expert) pairs (decoding): the model's own eager forward runs, and its `self.<param>[e]` dequantizes
 the routed experts only. As many pairs as experts or more (training, prefill), when nearly every expert is hit
-anyway: each stack is dequantized in one call, the adapters added by one in-place batched multiply-add, and
-transformers' grouped forward (one grouped GEMM per stack) runs on them, instead of a Python loop over experts that
-launches a dequant, an adapter product and two matmuls per expert.
+anyway: each stack is dequantized in one call and transformers' grouped forward (one grouped GEMM per stack) runs on
+it, instead of a Python loop over experts that launches a dequant, an adapter product and two matmuls per expert.
+There the adapter is applied to the routed tokens, never built as B_e A_e:
+
+    y = X W_eᵀ + s · (X A_eᵀ) B_eᵀ      (three grouped GEMMs over the same expert offsets)
+
+so backward computes no gradient of a whole (experts, out, in) stack, only the tokens' and the r-wide factors'.
 
 The adapters are PEFT's LoRA on parameters (`LoraConfig.target_parameters`), whose
 per-expert factors are lora_A (r·E, in) = [A_0; …; A_E-1] and lora_B (out, r·E) with B_e in columns e, E+e, … (its
@@ -168,16 +172,54 @@ def whole_stack(module, param, lora) -> torch.Tensor:
     return w.transpose(1, 2) if transposed else w
 
 
+class _Adapted:
+    """A frozen stack with its adapter, as the grouped forward's `_grouped_linear` receives it (see `_routed_lora`)."""
+
+    def __init__(self, base: torch.Tensor, lora):
+        self.base, (self.A, self.B, self.scaling) = base, lora  # A (E, r, in), B (E, out, r)
+
+
+@contextlib.contextmanager
+def _routed_lora():
+    """transformers' grouped forward multiplies each stack by one module-level function, `_grouped_linear`; while
+    this is active an `_Adapted` stack goes through three grouped GEMMs there: X Wᵀ + s·(X Aᵀ) Bᵀ."""
+    from transformers.integrations import moe
+
+    plain = moe._grouped_linear
+
+    def grouped_linear(input, weight, offs, bias=None, is_transposed=False):
+        if not isinstance(weight, _Adapted):
+            return plain(input, weight, offs, bias=bias, is_transposed=is_transposed)
+        dtype = weight.base.dtype  # the grouped GEMM's dtype (CUDA: bfloat16 only); the factors are cast to it
+        down = plain(input, weight.A.to(dtype).contiguous(), offs)  # (S, r): A is (E, r, in), i.e. (experts, out, in)
+        return plain(input, weight.base, offs, bias=bias, is_transposed=is_transposed) + \
+            weight.scaling * plain(down, weight.B.to(dtype).contiguous(), offs)
+
+    moe._grouped_linear = grouped_linear
+    try:
+        yield
+    finally:
+        moe._grouped_linear = plain
+
+
+def _routable_lora(lora, hidden_states) -> bool:
+    """Whether the adapter can run as grouped GEMMs of its own: CUDA's grouped GEMM wants 16-byte-aligned rows, so
+    r·2 bytes (bfloat16) a multiple of 16 (r = 8, 16, 64, ...); other ranks get the adapter added to the stack."""
+    return lora is not None and (hidden_states.device.type != "cuda" or lora[0].shape[1] % 8 == 0)
+
+
 def routed_forward(module, hidden_states, top_k_index, top_k_weights):
-    """The experts forward on QMiLoRA's weights: transformers' grouped forward on whole dequantized stacks where
-    there are at least as many routed pairs as experts, else the model's eager forward reading each routed expert's
-    weight through `_Weights`."""
+    """The experts forward on QMiLoRA's weights: transformers' grouped forward on whole dequantized stacks, the
+    adapters applied to the routed tokens, where there are at least as many routed pairs as experts; else the
+    model's eager forward reading each routed expert's weight through `_Weights`."""
     lora = getattr(module, "_qmilora_lora", {})
     stacks = {n: p for n, p in module.named_parameters(recurse=False) if is_stack(p)}
     first = next(iter(stacks.values()))
     if top_k_index.numel() >= count(first) and grouped_gemm_takes(hidden_states.device, dtype_of(first)):
-        weights = {n: whole_stack(module, p, lora.get(n)) for n, p in stacks.items()}
-        return grouped_mm_experts_forward(_View(module, weights), hidden_states, top_k_index, top_k_weights)
+        weights = {n: _Adapted(whole_stack(module, p, None), lora[n]) if _routable_lora(lora.get(n), hidden_states)
+                   else whole_stack(module, p, lora.get(n)) for n, p in stacks.items()}
+        with _routed_lora():
+            return grouped_mm_experts_forward(_View(module, weights), hidden_states, top_k_index, top_k_weights)
     weights = {n: _Weights(module, n, p, lora.get(n)) for n, p in stacks.items()}
     return type(module).forward.__wrapped__(_View(module, weights), hidden_states, top_k_index, top_k_weights)
 

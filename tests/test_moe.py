@@ -195,8 +195,11 @@ def test_training_batches_take_the_grouped_forward_with_the_eager_result(family,
 
     whole, real = [], quantize.dequantize
     monkeypatch.setattr(experts_module.quantize, "dequantize", lambda p: whole.append(p) or real(p))
+    built, stack = [], experts_module.whole_stack
+    monkeypatch.setattr(experts_module, "whole_stack", lambda m, p, lora: built.append(lora) or stack(m, p, lora))
     logits, grads = step()
     assert len(whole) == 2 * 2 * 2  # 2 layers x 2 stacks, once each in the forward and in checkpointing's recompute
+    assert len(built) == 8 and built == [None] * 8  # the adapters run on the routed tokens: no B·A stack is built
     monkeypatch.setattr(experts_module, "count", lambda stack: 10**9)  # never enough pairs: the eager path
     eager_logits, eager_grads = step()
     assert len(whole) == 8 and rel(logits, eager_logits) < 1e-5
