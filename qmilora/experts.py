@@ -205,7 +205,10 @@ def _routed_lora():
 def _routable_lora(lora, hidden_states) -> bool:
     """Whether the adapter can run as grouped GEMMs of its own: CUDA's grouped GEMM wants 16-byte-aligned rows, so
     r·2 bytes (bfloat16) a multiple of 16 (r = 8, 16, 64, ...); other ranks get the adapter added to the stack."""
-    return lora is not None and (hidden_states.device.type != "cuda" or lora[0].shape[1] % 8 == 0)
+    from transformers.integrations import moe
+
+    return lora is not None and hasattr(moe, "_grouped_linear") and (  # a transformers without it: the stack path
+        hidden_states.device.type != "cuda" or lora[0].shape[1] % 8 == 0)
 
 
 def routed_forward(module, hidden_states, top_k_index, top_k_weights):
