@@ -125,7 +125,7 @@ def _use_chunked_loss(run: RunConfig, args: TrainingArguments, model, collator, 
     """The chunked loss where asked for and where it equals the model's own on the first training rows."""
     if not run.chunked_loss or args.use_liger_kernel:
         return False
-    batch = collator([train_set[i] for i in range(min(2, len(train_set)))])
+    batch = collator(check_rows(train_set))
     device = next(p.device for p in model.parameters())
     agree, own, ours = lm_loss.matches_model_loss(model, {k: v.to(device) for k, v in batch.items()})
     if not agree:
@@ -364,25 +364,36 @@ def choose_collator(model, tokenizer, packing: bool | None, train_set):
     return padded, False
 
 
+CHECK_TOKENS = 128  # per row of the pre-training checks: what they test is the architecture, not the length
+
+
+def check_rows(train_set) -> list[dict]:
+    """The first two training rows cut to CHECK_TOKENS, for the checks before training: at long context the whole
+    rows would need a forward with full-vocabulary logits and no checkpointing (hundreds of GB at 32k tokens)."""
+    return [{k: list(train_set[i][k][:CHECK_TOKENS]) for k in ("input_ids", "labels")}
+            for i in range(min(2, len(train_set)))]
+
+
 def packing_mixes(model, collator, train_set) -> str | None:
     """Why packing would not keep examples apart on this model, or None where it does: the logits of two examples
     flattened into one row must equal their logits alone (transformers builds per-example masks from the position
     ids for the architectures it has moved to its masking utilities; others would mix examples silently)."""
-    rows = [{k: train_set[i][k] for k in ("input_ids", "labels")} for i in range(min(2, len(train_set)))]
+    rows = check_rows(train_set)
     if len(rows) < 2:
         return None
     device = next(p.device for p in model.parameters())
     flat = collator(rows)
     name = type(model.get_base_model()).__name__
     was_training = model.training
-    model.eval()  # dropout off; gradients stay enabled (a no-grad eval forward repacks 4-bit CPU weights)
+    model.eval()  # dropout off (prepared models never enter bitsandbytes' CPU inference layout: no-grad is safe)
     try:
         # no cache, as in training: with one, transformers does not derive the per-example mask
-        packed = model(input_ids=flat["input_ids"].to(device), position_ids=flat["position_ids"].to(device),
-                       use_cache=False).logits[0]
-        alone = torch.cat([model(input_ids=torch.tensor([r["input_ids"]], device=device), use_cache=False).logits[0]
-                           for r in rows])
-    except (TypeError, ValueError, RuntimeError) as err:  # e.g. a model without position ids
+        with torch.no_grad():
+            packed = model(input_ids=flat["input_ids"].to(device), position_ids=flat["position_ids"].to(device),
+                           use_cache=False).logits[0]
+            alone = torch.cat([model(input_ids=torch.tensor([r["input_ids"]], device=device),
+                                     use_cache=False).logits[0] for r in rows])
+    except (TypeError, ValueError) as err:  # e.g. a model without position ids (out of memory is not caught)
         return f"{name} does not take packed rows ({str(err).strip().splitlines()[0][:120]})"
     finally:
         model.train(was_training)

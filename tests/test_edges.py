@@ -687,3 +687,22 @@ def test_exports_and_eval_of_a_run_whose_template_file_moved(tiny_llm, tmp_path,
     assert export_main(["--adapter", str(run), "--to", "merged", "--output", str(tmp_path / "m")]) == 0
     assert "trained model: loss" in capsys.readouterr().err  # measured, not skipped
     assert eval_main(["--adapter", str(run), "--data", BUNDLED]) == 0
+
+
+def test_bare_packing_flag_means_true():
+    """`--packing` alone (as TRL and axolotl users write it) still means true now that its default is automatic."""
+    from qmilora.cli.train import parse
+
+    for argv, expected in ((["--packing"], True), (["--packing", "false"], False), ([], None),
+                           (["--packing", "--rank", "8"], True)):
+        assert parse([*argv, "--output_dir", "x"])[2].packing is expected
+
+
+def test_pre_training_checks_run_on_short_rows():
+    """The packing and loss checks run before training without checkpointing: on whole long rows they would need
+    memory for a full-length forward; they see at most CHECK_TOKENS of two rows."""
+    from qmilora.train import CHECK_TOKENS, check_rows
+
+    rows = [{"input_ids": list(range(5000)), "labels": list(range(5000)), "attention_mask": [1] * 5000}] * 3
+    cut = check_rows(rows)
+    assert len(cut) == 2 and all(len(r["input_ids"]) == len(r["labels"]) == CHECK_TOKENS for r in cut)

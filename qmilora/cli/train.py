@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from . import one_line_errors, run as run_cli, tidy_negations
+from . import bare_booleans, one_line_errors, run as run_cli, tidy_negations
 
 
 def build_parser():
@@ -20,7 +20,7 @@ def build_parser():
     parser.set_defaults(**training_defaults())
     # TrainingArguments requires output_dir; keep the conventional --output_dir while giving a readable default.
     parser.set_defaults(output_dir="qmilora-output")
-    return tidy_negations(parser), len(groups)
+    return bare_booleans(tidy_negations(parser)), len(groups)
 
 
 def parse(argv: list[str]):
