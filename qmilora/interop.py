@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-import types
 import uuid
 import warnings
 from collections.abc import Callable
@@ -339,27 +338,46 @@ def use_fused_lora(model: torch.nn.Module, enabled: bool = True) -> int:
     for module in model.modules():
         if isinstance(module, PeftLinear4bit):
             if enabled:
-                module.forward = types.MethodType(_fused_forward, module)  # instance attribute: PEFT's class untouched
+                module.forward = _FusedForward(module)  # an instance attribute: PEFT's class stays untouched
             else:
                 module.__dict__.pop("forward", None)
             changed += 1
     return changed
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    from .fused import LoraOverFrozen
+class _FusedForward:
+    """A PEFT bitsandbytes LoRA layer's forward through `fused.LoraOverFrozen` in the plain case, PEFT's own otherwise
+    (a picklable object, unlike a bound function that is not the class's)."""
 
-    peft_forward = type(self).forward
-    active = self.active_adapters
-    if (args or kwargs or not torch.is_grad_enabled() or self.disable_adapters or self.merged or len(active) != 1
-            or active[0] not in self.lora_A or active[0] in self.lora_variant
-            or not getattr(self, "cast_input_dtype_enabled", True) or quantize.is_cpu_packed(self.base_layer.weight)
-            or any(p.requires_grad for p in self.base_layer.parameters())):
-        return peft_forward(self, x, *args, **kwargs)
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        from .fused import LoraOverFrozen
+
+        layer = self.layer
+        if not _plain_lora(layer, args, kwargs):
+            return type(layer).forward(layer, x, *args, **kwargs)
+        name = layer.active_adapters[0]
+        A, B, dropout = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+        # PEFT casts the adapter's input to the adapter's dtype unless autocast is on (its own test, mirrored)
+        lora_dtype = None if torch.is_autocast_enabled() else A.dtype
+        return LoraOverFrozen.apply(x, A, B, layer.base_layer, quantize.input_grad(layer.base_layer),
+                                    layer.scaling[name], p, lora_dtype)
+
+
+def _plain_lora(layer, args, kwargs) -> bool:
+    """The one case the fused function computes: training, one active adapter of two bias-free linear factors with
+    plain dropout (no variant such as DoRA, no lora_bias), on a frozen 4-bit base, called with x alone."""
+    active = layer.active_adapters
+    if (args or kwargs or not torch.is_grad_enabled() or layer.disable_adapters or layer.merged or len(active) != 1
+            or active[0] not in layer.lora_A or active[0] in layer.lora_variant
+            or not getattr(layer, "cast_input_dtype_enabled", True) or quantize.is_cpu_packed(layer.base_layer.weight)
+            or any(p.requires_grad for p in layer.base_layer.parameters())):
+        return False
     name = active[0]
-    A, B, dropout = self.lora_A[name].weight, self.lora_B[name].weight, self.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-    # PEFT casts the adapter's input to the adapter's dtype unless autocast is on (its own test, mirrored)
-    lora_dtype = None if torch.is_autocast_enabled() else A.dtype
-    return LoraOverFrozen.apply(x, A, B, self.base_layer, quantize.input_grad(self.base_layer), self.scaling[name], p,
-                                lora_dtype)
+    factors = (layer.lora_A[name], layer.lora_B[name])
+    return (all(type(f) is torch.nn.Linear and f.bias is None for f in factors)
+            and not getattr(layer, "lora_bias", {}).get(name, False)
+            and type(layer.lora_dropout[name]) in (torch.nn.Dropout, torch.nn.Identity))

@@ -30,7 +30,7 @@ class RunConfig:
     chunked_loss: bool = field(default=True, metadata={"help": "Compute the loss in chunks of the supervised tokens, never holding full-vocabulary logits (checked against the model's own loss before training; off by itself where they differ, and under --use_liger_kernel)."})
     offload_activations: bool = field(default=False, metadata={"help": "Keep the activation checkpoints in pinned host memory until backward (for long sequences on a GPU; slower)."})
     tiled_mlp: bool = field(default=False, metadata={"help": "Compute each decoder layer's MLP (found by a check: any block that acts on each token alone) over the sequence in tiles of hidden-size tokens, each recomputed in backward: one tile's MLP activations alive instead of the whole sequence's, for long context; one more MLP forward per step."})
-    fused_lora: bool = field(default=True, metadata={"help": "Run each 4-bit LoRA layer as one autograd function (outputs and gradients equal to PEFT's layer; keeps less for backward). Off under FSDP."})
+    fused_lora: bool = field(default=True, metadata={"help": "Run each 4-bit LoRA layer as one autograd function (outputs and gradients equal to PEFT's layer; keeps less for backward). Off under FSDP, DeepSpeed and torch_compile."})
 
 
 class TrainerArguments(TrainingArguments):
@@ -266,7 +266,10 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     keep, args.save_total_limit = args.save_total_limit, None
     progress = _Progress(folder, keep)
     collator, packed = choose_collator(model, tokenizer, dcfg.packing, train_set)
-    if run.fused_lora and not fsdp:  # FSDP's flat parameters are not the layers' own 4-bit weights
+    # not under FSDP or DeepSpeed (sharded parameters are gathered by hooks on the modules the fused function
+    # bypasses) nor torch.compile (untested)
+    fused = run.fused_lora and not (fsdp or args.deepspeed or args.torch_compile)
+    if fused:
         log.info("qmilora: %d 4-bit LoRA layers fused", interop.use_fused_lora(model))
     if run.tiled_mlp:
         from .tiled import tile_position_wise
@@ -299,7 +302,7 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
                "peak_memory_gb": round(_peak_gb(args), 3), "data_format": fmt, "train_rows": len(train_set),
                "eval_rows": len(eval_set) if eval_set is not None else 0,
                "loss": "chunked" if chunked else ("liger" if args.use_liger_kernel else "model"), "packing": packed,
-               "fused_lora": bool(run.fused_lora and not fsdp), "tiled_mlp": run.tiled_mlp}
+               "fused_lora": bool(fused), "tiled_mlp": run.tiled_mlp}
     if eval_set is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]  # every process takes part
     # under FSDP every process takes part in gathering the full weights; the main process writes them

@@ -165,3 +165,33 @@ def test_under_autocast_equals_peft_layer(model):
     for name, a, b in zip(("output", "x.grad", "A.grad", "B.grad"), fused, reference):
         assert a.dtype == b.dtype, name
         assert _close(a.float(), b.float(), 1e-3), (name, (a.float() - b.float()).abs().max().item())
+
+
+def test_lora_bias_and_pickling(model):
+    """A layer with PEFT's lora_bias runs PEFT's forward (the fused function has no bias term); a fused model
+    pickles and unpickles."""
+    import pickle
+
+    layer = _layers(model)[1]
+    model.train()
+    try:
+        use_fused_lora(model)
+        x = torch.randn(2, 3, layer.in_features)
+        layer.lora_bias["default"] = True
+        layer.lora_B["default"].bias = torch.nn.Parameter(torch.randn(layer.out_features))
+        outputs = []
+        for forward in (layer, lambda x: type(layer).forward(layer, x)):
+            torch.manual_seed(0)  # the same dropout masks
+            outputs.append(forward(x))
+        assert torch.allclose(*outputs)
+        del layer.lora_B["default"].bias
+        layer.lora_B["default"].bias = None
+        layer.lora_bias["default"] = False
+        moved = pickle.loads(pickle.dumps(layer))
+        assert "forward" in moved.__dict__ and moved.forward.layer is moved
+        layer.eval()
+        moved.eval()
+        torch.testing.assert_close(moved(x), layer(x))
+    finally:
+        use_fused_lora(model, False)
+        model.eval()
