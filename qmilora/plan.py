@@ -156,11 +156,11 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     tokens = cfg.max_seq_length * cfg.per_device_train_batch_size
     h, m = c["hidden"], c["mlp_width"] or 24 * c["hidden"] // 9  # no width in the config: the calibrated 34·h
     attention = 0 if cfg.fused_attention else 5 * c["heads"] * cfg.max_seq_length
-    if cfg.tiled_mlp:
+    untiled = tokens * (10 * h + 9 * m + attention)
+    per_layer = untiled
+    if cfg.tiled_mlp and not c["num_experts"]:  # expert blocks stay whole (`tiled`)
         tile = min(cfg.max_seq_length, h) * cfg.per_device_train_batch_size
         per_layer = tokens * (10 * h + 2 * h + attention) + tile * 9 * m
-    else:
-        per_layer = tokens * (10 * h + 9 * m + attention)
     checkpoints = c["layers"] * tokens * c["hidden"] * 2 if cfg.activation_checkpointing else 0
     layers_kept = per_layer if cfg.activation_checkpointing else c["layers"] * per_layer
     routed = min(c["num_experts"], tokens * c["top_k"]) * c["expert_params"] * qcfg.torch_compute_dtype.itemsize
@@ -189,7 +189,8 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     # QLoRA's float32 embeddings keep the residual stream (the checkpointed layer inputs) in float32
     # (transformers' bitsandbytes path leaves MoE expert stacks unquantized: upcast to float32 with the rest)
     qlora_four_bit = c["linear"] * bytes_per_4bit_weight(qcfg.blocksize, qcfg.double_quant)
-    qlora_transient = max(layers_kept, full_logits) if cfg.activation_checkpointing else layers_kept + full_logits
+    qlora_kept = untiled if cfg.activation_checkpointing else c["layers"] * untiled  # QLoRA tiles nothing
+    qlora_transient = max(qlora_kept, full_logits) if cfg.activation_checkpointing else qlora_kept + full_logits
     qlora_static = qlora_four_bit + (c["other"] + c["experts"]) * 4
     if cfg.fsdp:  # sharded the same way (adapters and grads_and_optimizer are per GPU already)
         qlora_static = qlora_static / cfg.num_gpus + 2 * qlora_static / max(1, c["layers"])

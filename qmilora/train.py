@@ -274,7 +274,12 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     if run.tiled_mlp:
         from .tiled import tile_position_wise
 
-        log.info("qmilora: %d position-wise blocks tiled over the sequence", len(tile_position_wise(model)))
+        tiled = tile_position_wise(model)
+        if tiled:
+            log.info("qmilora: %d position-wise blocks tiled over the sequence", len(tiled))
+        else:
+            log.warning("qmilora: --tiled_mlp: %s has no dense position-wise block to tile (mixture-of-experts "
+                        "blocks stay whole); training without tiling", type(model.get_base_model()).__name__)
     chunked = _use_chunked_loss(run, args, model, collator, train_set)
     if chunked and fsdp:  # it reads the head's weight outside the forward, where FSDP keeps it sharded
         log.warning("qmilora: FSDP: using the model's own loss (the chunked loss reads the unsharded head)")

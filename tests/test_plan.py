@@ -185,3 +185,19 @@ def test_hostile_configs_are_answered_without_allocating(tmp_path, capsys):
     assert plan_main(["--model", str(tmp_path / "deep")]) == 1
     assert "num_hidden_layers 1000000" in one_line_error(capsys, "qmilora-plan")
     assert time.monotonic() - start < 5
+
+
+def test_tiling_plans_nothing_for_expert_blocks():
+    """Mixture-of-experts blocks are not tiled, so the plan counts no saving for them, and QLoRA never tiles."""
+    from qmilora import QMiLoRAConfig
+    from qmilora.configs import locate
+
+    q = QMiLoRAConfig(rank=16, compute_dtype="bfloat16")
+    moe = AutoConfig.from_pretrained(locate("qwen3-30b-a3b", None)[0])
+    settings = dict(model="x", max_seq_length=32768, offload_activations=True)
+    assert plan(PlanConfig(**settings, tiled_mlp=True), q, moe)["train_peak_gb"] == \
+        pytest.approx(plan(PlanConfig(**settings), q, moe)["train_peak_gb"])
+    llama3 = AutoConfig.from_pretrained(locate("llama-3-8b", None)[0])
+    dense = [plan(PlanConfig(**settings, tiled_mlp=t), q, llama3) for t in (False, True)]
+    assert dense[1]["train_peak_gb"] < dense[0]["train_peak_gb"]
+    assert dense[1]["qlora_train_peak_gb"] == pytest.approx(dense[0]["qlora_train_peak_gb"])

@@ -121,3 +121,14 @@ def test_qmilora_train_tiled_logs_the_same_losses(tiny_llm, tmp_path, cache, mon
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     summary = json.load(open(tiled_run / "qmilora.json"))["summary"]
     assert summary["tiled_mlp"] is True and summary["packing"] is True
+
+
+def test_mixture_of_experts_blocks_stay_whole(tmp_path):
+    """Expert blocks (stacks, routers whose outputs feed the auxiliary loss) are not tiled; the dense MLPs of the
+    same model's other layers would be."""
+    from test_moe import build
+
+    d = tmp_path / "moe"
+    build("qwen3_moe", d)
+    moe = prepare_model(str(d), rank=4, cache_dir=str(tmp_path / "c"))
+    assert tile_position_wise(moe, tokens=4) == []

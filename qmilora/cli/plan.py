@@ -69,11 +69,17 @@ def advice(cfg, qcfg, hf_config) -> str:
 
     from ..plan import parse_size, plan
 
-    options = replace(cfg, chunked_loss=True, offload_activations=True, tiled_mlp=True)
+    names = ("chunked_loss", "offload_activations", "tiled_mlp")
+    options = replace(cfg, **dict.fromkeys(names, True))
+
+    def useful(seq: int) -> list[str]:
+        """The options that lower this model's plan at `seq` (a MoE's expert blocks are not tiled)."""
+        at = replace(options, max_seq_length=seq)
+        best = plan(at, qcfg, hf_config)["train_peak_gb"]
+        return [n for n in names if plan(replace(at, **{n: False}), qcfg, hf_config)["train_peak_gb"] > best]
+
     if plan(options, qcfg, hf_config)["fits"]:
-        flags = [f for f, on in (("--chunked_loss true", not cfg.chunked_loss),
-                                 ("--offload_activations true", not cfg.offload_activations),
-                                 ("--tiled_mlp true", not cfg.tiled_mlp)) if on]
+        flags = [f"--{n} true" for n in useful(cfg.max_seq_length) if not getattr(cfg, n)]
         for flag in flags:  # the cheapest single option that is enough
             single = replace(cfg, **{flag.split()[0][2:]: True})
             if plan(single, qcfg, hf_config)["fits"]:
@@ -83,7 +89,7 @@ def advice(cfg, qcfg, hf_config) -> str:
     while seq > 1 and not plan(replace(options, max_seq_length=seq), qcfg, hf_config)["fits"]:
         seq //= 2
     if seq >= 1 and plan(replace(options, max_seq_length=seq), qcfg, hf_config)["fits"]:
-        return f"fits with --max_seq_length {seq} --chunked_loss true --offload_activations true --tiled_mlp true"
+        return f"fits with --max_seq_length {seq} " + " ".join(f"--{n} true" for n in useful(seq))
     card = parse_size(cfg.gpu_memory)
     if plan(options, qcfg, hf_config)["quantized_weights_gb"] * 2**30 > card:
         return "does not fit at any sequence length: the weights alone exceed the card"
