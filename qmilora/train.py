@@ -236,6 +236,9 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
         args.eval_strategy = "steps"
         args.eval_steps = args.eval_steps or args.logging_steps
     recipe = recipe_of(qcfg)
+    if resume and dcfg.packing is None:  # automatic: a resume batches as the run it continues did (runs recorded
+        recorded = ((folder.meta() or {}).get("resume_recipe") or {}).get("data.packing")  # before: packing false)
+        dcfg.packing = recorded if isinstance(recorded, bool) else None
     again = resume_recipe(run, dcfg, args, directory)
     longer = {}
     if resume and main:

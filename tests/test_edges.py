@@ -279,8 +279,9 @@ def test_an_identity_refuses_a_checkpoint_that_changed_while_it_was_used(tiny_ck
 
 
 @pytest.mark.parametrize("change", [["--learning_rate", "1e-3"], ["--seed", "1"], ["--max_steps", "1"],
-                                    ["--data", "DATA"], ["--lr_scheduler_type", "linear"], ["tokenizer"]],
-                         ids=["lr", "seed", "fewer-steps", "data", "scheduler", "tokenizer"])
+                                    ["--data", "DATA"], ["--lr_scheduler_type", "linear"], ["tokenizer"],
+                                    ["--packing", "false"]],
+                         ids=["lr", "seed", "fewer-steps", "data", "scheduler", "tokenizer", "packing"])
 def test_a_resume_refuses_any_change_of_recipe(trained, tiny_llm, tmp_path, capsys, change):
     run, cache = copy_run(trained, tmp_path)
     model = tiny_llm
@@ -310,6 +311,17 @@ def test_a_resume_may_train_longer_and_records_it(trained, tiny_llm, tmp_path):
     meta = json.load(open(run / "qmilora.json"))
     assert meta["summary"]["steps"] == 3
     assert meta["history"][-1]["longer"] == {"training.max_steps": [2, 3]}
+
+
+def test_a_resume_without_packing_flags_batches_as_the_run_did(trained, tiny_llm, tmp_path):
+    """Packing's default is automatic; a run recorded with packing false (every run before that default) resumes
+    with the same command: the resume takes the recorded choice instead of refusing a change nobody asked for."""
+    run, cache = copy_run(trained, tmp_path)
+    meta = json.load(open(run / "qmilora.json"))
+    meta["resume_recipe"]["data.packing"] = False
+    (run / "qmilora.json").write_text(json.dumps(meta))
+    assert train_main(argv(tiny_llm, run, cache, "--resume_from_checkpoint", "true", "--max_steps", "3")) == 0
+    assert json.load(open(run / "qmilora.json"))["summary"]["packing"] is False
 
 
 def test_a_second_training_into_a_locked_folder_is_refused(tiny_llm, tmp_path, capsys):
