@@ -179,13 +179,15 @@ class _Adapted:
         self.base, (self.A, self.B, self.scaling) = base, lora  # A (E, r, in), B (E, out, r)
 
 
-@contextlib.contextmanager
-def _routed_lora():
-    """transformers' grouped forward multiplies each stack by one module-level function, `_grouped_linear`; while
-    this is active an `_Adapted` stack goes through three grouped GEMMs there: X Wᵀ + s·(X Aᵀ) Bᵀ."""
+def _install_routed_lora() -> None:
+    """transformers' grouped forward multiplies each stack by one module-level function, `_grouped_linear`; wrapped
+    here (once, and left installed: autograd may recompute layers on several threads at once) so that an
+    `_Adapted` stack goes through three grouped GEMMs, X Wᵀ + s·(X Aᵀ) Bᵀ, and a plain tensor as before."""
     from transformers.integrations import moe
 
     plain = moe._grouped_linear
+    if getattr(plain, "qmilora", False):
+        return
 
     def grouped_linear(input, weight, offs, bias=None, is_transposed=False):
         if not isinstance(weight, _Adapted):
@@ -195,11 +197,8 @@ def _routed_lora():
         return plain(input, weight.base, offs, bias=bias, is_transposed=is_transposed) + \
             weight.scaling * plain(down, weight.B.to(dtype).contiguous(), offs)
 
+    grouped_linear.qmilora = True
     moe._grouped_linear = grouped_linear
-    try:
-        yield
-    finally:
-        moe._grouped_linear = plain
 
 
 def _routable_lora(lora, hidden_states) -> bool:
@@ -221,8 +220,9 @@ def routed_forward(module, hidden_states, top_k_index, top_k_weights):
     if top_k_index.numel() >= count(first) and grouped_gemm_takes(hidden_states.device, dtype_of(first)):
         weights = {n: _Adapted(whole_stack(module, p, None), lora[n]) if _routable_lora(lora.get(n), hidden_states)
                    else whole_stack(module, p, lora.get(n)) for n, p in stacks.items()}
-        with _routed_lora():
-            return grouped_mm_experts_forward(_View(module, weights), hidden_states, top_k_index, top_k_weights)
+        if any(isinstance(w, _Adapted) for w in weights.values()):
+            _install_routed_lora()
+        return grouped_mm_experts_forward(_View(module, weights), hidden_states, top_k_index, top_k_weights)
     weights = {n: _Weights(module, n, p, lora.get(n)) for n, p in stacks.items()}
     return type(module).forward.__wrapped__(_View(module, weights), hidden_states, top_k_index, top_k_weights)
 
