@@ -10,9 +10,11 @@
 #
 # Device time is scarce, so steps run in order of value under one deadline (QMILORA_GPU_BUDGET_S seconds, default
 # 520): a step that fails or runs out of time is reported and the next one still runs; the exit status says whether
-# every step ran and passed. QMILORA_GPU_STEPS picks step groups (default "cli speed solver 7b moe tests"; also
-# "long", "13b"), e.g. after the 7B results are in: QMILORA_GPU_STEPS="cli tests long 13b". With --tiny the default
-# leaves out "speed" (tests/test_benchmarks.py runs speed.py on its own); name it to run it.
+# every step ran and passed. QMILORA_GPU_STEPS picks step groups (default "cli tests speed": what one call of
+# about 8 minutes fits; the others are "solver", "7b" (7B preparation, with the host-solver path a consumer GPU
+# takes, and training), "moe", "long" (Llama-3-8B at 128k, then 32k), "13b"), e.g. a second call:
+# QMILORA_GPU_STEPS="solver 7b moe". With --tiny the default is "cli solver 7b moe tests" (tests/test_benchmarks.py
+# runs speed.py on its own).
 set -uo pipefail
 cd "$(dirname "$0")"
 py=$(command -v python3 || command -v python)
@@ -29,7 +31,7 @@ if [ "${1:-}" = "--tiny" ]; then
   shapes=(96x64 128x96); shape=tiny; seq=32; steps=2; rank=8; moe=tinymoe; tests=""; groups="cli solver 7b moe tests"
 else
   shapes=(4096x4096 11008x4096 13824x5120); shape=llama2-7b; seq=2048; steps=10; rank=64; moe=qwen3-moe-2l; tests=1
-  groups="cli speed solver 7b moe tests"
+  groups="cli tests speed"
 fi
 dev=$($py -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 results=${QMILORA_BENCH_RESULTS:-results}
@@ -51,6 +53,11 @@ step() {  # step NAME COMMAND...: run under the time left; a failure or timeout 
 
 # 0. qmilora-train through its CLI with this device's defaults, plain and under the shipped FSDP config
 step cli $py cli_smoke.py
+# 0a. the fast test tier on this host (CPU-assuming tests included)
+if [ -n "$tests" ]; then
+  xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
+  step tests bash -c "cd .. && $py -m pytest -q -p no:cacheprovider $xdist -m 'not slow' tests"
+fi
 # the random checkpoint at $shape, written once to $work/ckpt for the speed and 7b steps (whichever runs first)
 checkpoint=($py -c "import common, os, sys; print('reusing' if os.path.isfile(os.path.join(sys.argv[2], 'model.safetensors.index.json')) else '%.1f GB' % common.write_random_checkpoint(sys.argv[1], sys.argv[2]))" $shape "$work/ckpt")
 # 0b. every training option on and off through qmilora-train, against QLoRA, on that checkpoint (own prepared cache)
@@ -70,18 +77,16 @@ step 7b:plan $py plan_check.py "$results"/train-$shape-$dev.json "$results"/prep
 rm -rf "$work/ckpt" "$work/cache"
 # 5. MoE: two Qwen3-30B-A3B layers (4-bit expert stacks, routed-only dequantization) against PEFT's QLoRA
 step moe $py train.py --shape $moe --seq $seq --steps $(( steps < 5 ? steps : 5 )) --warmup 1 --rank $(( rank < 16 ? rank : 16 ))
-# 6. the fast test tier on this host (CPU-assuming tests included)
 if [ -n "$tests" ]; then
-  xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
-  step tests bash -c "cd .. && $py -m pytest -q -p no:cacheprovider $xdist -m 'not slow' tests"
-  # 7. (ask for them: QMILORA_GPU_STEPS="... long 13b") long context at a Llama-3 vocabulary; a 13B preparation
-  # through qmilora-train: 32k with offload, tiled MLP on/off, against QLoRA; then 128k with both (the plan beside)
+  # 7. (ask for them: QMILORA_GPU_STEPS="long" or "13b") long context at a Llama-3 vocabulary, through qmilora-train:
+  # 128k with offload and the tiled MLP (the plan's 13.4 GB) first, then 32k with offload, tiled on/off, against
+  # QLoRA (the plan beside every row); a 13B preparation
   step long:checkpoint $py -c "import common, sys; print('%.1f GB' % common.write_random_checkpoint(sys.argv[1], sys.argv[2], positions=131072))" \
     llama3-8b "$work/ckpt8"
-  step long:32k $py speed.py --shape llama3-8b --checkpoint "$work/ckpt8" --cache "$work/cache8" --seq 32768 --batch 1 \
-    --steps 2 --rank $rank --options tiled_mlp --flags="--offload_activations true" --tag 32k
   step long:128k $py speed.py --shape llama3-8b --checkpoint "$work/ckpt8" --cache "$work/cache8" --seq 131072 --batch 1 \
     --steps 2 --rank $rank --options none --no_qlora --flags="--offload_activations true --tiled_mlp true" --tag 128k
+  step long:32k $py speed.py --shape llama3-8b --checkpoint "$work/ckpt8" --cache "$work/cache8" --seq 32768 --batch 1 \
+    --steps 2 --rank $rank --options tiled_mlp --flags="--offload_activations true" --tag 32k
   rm -rf "$work/ckpt8" "$work/cache8"
   step 13b:checkpoint $py -c "import common, sys; print('%.1f GB' % common.write_random_checkpoint(sys.argv[1], sys.argv[2]))" \
     llama2-13b "$work/ckpt13"

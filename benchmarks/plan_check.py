@@ -34,7 +34,8 @@ def main() -> None:
         device = st.get("device", device)
         dtype = st.get("compute_dtype") or "bfloat16"
         for row in result["rows"]:
-            if "/" in str(row.get("method")) or "peak_mb" not in row:
+            # ratio rows, and variants the plan does not model (~cpu: the solver on the host, not on the device)
+            if "/" in str(row.get("method")) or "~" in str(row.get("method")) or "peak_mb" not in row:
                 continue
             if path.split("/")[-1].startswith("train") and row["method"].startswith("qmilora"):
                 p = planned(st["shape"], st["rank"], st["seq"], st["batch"], dtype, row["method"] == "qmilora")
