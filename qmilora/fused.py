@@ -63,10 +63,11 @@ class LoraOverFrozen(torch.autograd.Function):
             grad_A = g_h.reshape(-1, g_h.shape[-1]).t().mm(dropped.reshape(-1, dropped.shape[-1])) \
                 if ctx.needs_input_grad[1] else None
             g_x = F.linear(g_h, A.t()) if ctx.needs_input_grad[0] else None
-            if g_x is not None and mask is not None:
-                g_x = g_x * mask / (1 - ctx.p)
+        if g_x is not None:  # dropout's backward in the input's precision, after the cast, as autograd orders them
+            g_x = g_x.to(x.dtype if ctx.lora_dtype is None else ctx.lora_dtype)
+            g_x = (g_x * mask / (1 - ctx.p) if mask is not None else g_x).to(x.dtype)
         # the frozen base's gradient as its own backward computes it (outside autocast, like bitsandbytes')
-        grad_x = ctx.base_input_grad(grad) + g_x.to(x.dtype) if g_x is not None else None
+        grad_x = ctx.base_input_grad(grad) + g_x if g_x is not None else None
         return grad_x, grad_A, grad_B, None, None, None, None, None
 
 

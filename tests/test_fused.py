@@ -146,9 +146,13 @@ def test_other_states_run_peft_forward(model):
         use_fused_lora(model, False)
 
 
-def test_under_autocast_equals_peft_layer(model):
+@pytest.mark.parametrize("cuda_branch", [False, True])
+def test_under_autocast_equals_peft_layer(model, monkeypatch, cuda_branch):
     """Mixed precision (the GPU default runs the forward under autocast): the same casts as PEFT's layer, checked
-    with CPU autocast in bfloat16."""
+    with CPU autocast in bfloat16. PEFT (and the fused layer, mirroring it) ask `torch.is_autocast_enabled()`,
+    which reads CUDA's autocast: cuda_branch makes it answer True, the branch a GPU run takes."""
+    if cuda_branch:
+        monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: True)
     model.train()
     layer = _layers(model)[4]
     gen = torch.Generator().manual_seed(2)
