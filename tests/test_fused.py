@@ -151,8 +151,9 @@ def test_under_autocast_equals_peft_layer(model, monkeypatch, cuda_branch):
     """Mixed precision (the GPU default runs the forward under autocast): the same casts as PEFT's layer, checked
     with CPU autocast in bfloat16. PEFT (and the fused layer, mirroring it) ask `torch.is_autocast_enabled()`,
     which reads CUDA's autocast: cuda_branch makes it answer True, the branch a GPU run takes."""
-    if cuda_branch:
-        monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: True)
+    if cuda_branch:  # only the argument-less call (CUDA's flag) answers True: torch.autocast itself asks per device
+        real = torch.is_autocast_enabled
+        monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a, **k: True if not (a or k) else real(*a, **k))
     model.train()
     layer = _layers(model)[4]
     gen = torch.Generator().manual_seed(2)
@@ -169,6 +170,7 @@ def test_under_autocast_equals_peft_layer(model, monkeypatch, cuda_branch):
     for name, a, b in zip(("output", "x.grad", "A.grad", "B.grad"), fused, reference):
         assert a.dtype == b.dtype, name
         assert _close(a.float(), b.float(), 1e-3), (name, (a.float() - b.float()).abs().max().item())
+    assert not torch.is_autocast_enabled("cpu")  # the test leaves no autocast behind
 
 
 def test_lora_bias_and_pickling(model):
