@@ -137,14 +137,15 @@ def slow_half_precision(dtype: torch.dtype) -> bool:
 PROBE_SHAPE = (2048, 4096)  # wide enough for the solver's threaded path; about a second on two cores
 
 
-def solver_device(device: torch.device, threads: int) -> tuple[torch.device, str]:
+def solver_device(device: torch.device, threads: int, solver: str = "auto", rank: int = 16) -> tuple[torch.device, str]:
     """Where "auto" runs the minor solver for a model on `device`, and why. The solver is float64 (Gram matrix and
     eigendecomposition); data-centre GPUs run float64 at half their float32 rate, consumer GPUs (GeForce, RTX) at
     1/32-1/64 of it, where the host's cores can be faster. So on a GPU both are timed once per process on one
-    PROBE_SHAPE weight, and the faster one runs every weight."""
+    PROBE_SHAPE weight with the run's solver and rank (at most 256), and the faster one runs every weight."""
     if device.type != "cuda":
         return device, "the model's device"
-    gpu, host = _probe_seconds(str(device), threads), _probe_seconds("cpu", threads)
+    rank = max(1, min(rank, 256))
+    gpu, host = _probe_seconds(str(device), threads, solver, rank), _probe_seconds("cpu", threads, solver, rank)
     name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
     if host < gpu:
         return torch.device("cpu"), (f"the float64 solver measured {gpu / host:.1f}x faster on {threads} CPU "
@@ -153,15 +154,15 @@ def solver_device(device: torch.device, threads: int) -> tuple[torch.device, str
 
 
 @functools.cache
-def _probe_seconds(device: str, threads: int) -> float:
-    """Seconds of one minor split (rank 16) of a random PROBE_SHAPE weight on `device`, after a warm-up."""
+def _probe_seconds(device: str, threads: int, solver: str = "auto", rank: int = 16) -> float:
+    """Seconds of one minor split of a random PROBE_SHAPE weight on `device`, after a warm-up."""
     from .decompose import minor_split
 
     weight = torch.randn(PROBE_SHAPE, generator=torch.Generator().manual_seed(0)).to(device)
     sync = torch.cuda.synchronize if weight.device.type == "cuda" else (lambda: None)
-    minor_split(weight[:256, :512], 16, threads=threads)  # first-call costs (solver handles, thread pools)
+    minor_split(weight[:256, :512], min(rank, 256), solver=solver, threads=threads)  # first-call costs (handles, pools)
     sync()
     start = time.perf_counter()
-    minor_split(weight, 16, threads=threads)
+    minor_split(weight, rank, solver=solver, threads=threads)
     sync()
     return time.perf_counter() - start

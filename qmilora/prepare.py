@@ -370,7 +370,7 @@ def _load(load_kwargs: dict, skel: Skeleton, cfg: QMiLoRAConfig, hessians: dict[
     device, svd_device, dtype = cfg.resolved_device, cfg.resolved_svd_device, cfg.torch_compute_dtype
     threads = torch.get_num_threads()  # prepare_model set it from cfg.threads
     if cfg.svd_device == "auto" and skel.targets:
-        svd_device, why = cpu.solver_device(device, threads)
+        svd_device, why = cpu.solver_device(device, threads, cfg.svd_solver, cfg.rank)
         log.info("qmilora: SVDs on %s: %s", svd_device, why)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     stats = PrepareStats(too_small=list(skel.excluded), routers=list(skel.routers),
