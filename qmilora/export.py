@@ -407,7 +407,7 @@ def _layout(directory: str) -> tuple[set[str], str]:
 
     from .interop import is_conv1d
 
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=True):  # every tensor on meta: nothing allocated, whatever the width
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
     return {n for n, m in model.named_modules() if is_conv1d(m)}, model.base_model_prefix
 
