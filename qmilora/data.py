@@ -241,10 +241,16 @@ def injected_system_prompt(tokenizer) -> str | None:
     return None
 
 
-def show_example(row: dict, tokenizer) -> str:
-    """A tokenized example as text with its supervised spans marked [[like this]], for the start-of-run log."""
-    parts, start = [], 0
+def show_example(row: dict, tokenizer, most: int = 1024) -> str:
+    """A tokenized example as text with its supervised spans marked [[like this]], for the start-of-run log; of a
+    longer example, its first and last most/2 tokens (a long-context row would fill the log)."""
     ids, labels = row["input_ids"], row["labels"]
+    if len(ids) > most:
+        half = most // 2
+        head = show_example({"input_ids": ids[:half], "labels": labels[:half]}, tokenizer, most)
+        tail = show_example({"input_ids": ids[-half:], "labels": labels[-half:]}, tokenizer, most)
+        return f"{head} [... {len(ids) - 2 * half} tokens ...] {tail}"
+    parts, start = [], 0
     for i in range(1, len(ids) + 1):  # decode runs of equal supervision, not single tokens (multi-byte characters)
         if i == len(ids) or (labels[i] != IGNORE) != (labels[start] != IGNORE):
             text = tokenizer.decode(ids[start:i])

@@ -89,6 +89,11 @@ def test_first_example_shows_the_supervised_span():
     supervised = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
     assert shown.count("[[") == 1 and shown.endswith(f"[[{tok.decode(supervised)}]]")
     assert shown.startswith(tok.decode(row["input_ids"][: row["labels"].index(supervised[0])]))
+    # a long-context row shows its ends, not every token
+    n = len(row["input_ids"])
+    long = {"input_ids": row["input_ids"] * 200, "labels": row["labels"] * 200}
+    shown = show_example(long, tok, most=2 * n)
+    assert f"[... {198 * n} tokens ...]" in shown and len(shown) < 4 * len(show_example(row, tok)) + 100
 
 
 def test_summary_counts_supervised_tokens_only(tiny_llm, tmp_path):
