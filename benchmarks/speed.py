@@ -231,7 +231,8 @@ def qlora_child(argv: list[str]) -> None:
                       target_modules=targets, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     keep_training_layout(model)
-    collator, packed = choose_collator(model, tokenizer, dcfg.packing, train_set)
+    collator, packed = choose_collator(model, tokenizer, dcfg.packing, train_set,
+                                       args.per_device_train_batch_size * dcfg.max_seq_length)
     if args.include_num_input_tokens_seen == "all":  # as qmilora-train counts them (real tokens, no padding)
         args.include_num_input_tokens_seen = "non_padding"
     trainer = CountingTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,

@@ -268,7 +268,8 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     # checkpoints are rotated by the run folder, which removes only their recorded files (Trainer deletes folders)
     keep, args.save_total_limit = args.save_total_limit, None
     progress = _Progress(folder, keep)
-    collator, packed = choose_collator(model, tokenizer, dcfg.packing, train_set)
+    collator, packed = choose_collator(model, tokenizer, dcfg.packing, train_set,
+                                       args.per_device_train_batch_size * dcfg.max_seq_length)
     # not under FSDP or DeepSpeed (sharded parameters are gathered by hooks on the modules the fused function
     # bypasses) nor torch.compile (untested)
     fused = run.fused_lora and not (fsdp or args.deepspeed or args.torch_compile)
@@ -358,12 +359,23 @@ def check_not_finished(checkpoint_dir: str, args: TrainingArguments) -> None:
                            f"{args.num_train_epochs:g}: there is nothing left to train; pass more epochs to train longer")
 
 
-def choose_collator(model, tokenizer, packing: bool | None, train_set):
+PACKED_MASK_TOKENS = 16384  # packed rows longer than this: the T×T mask SDPA and eager attention need passes 256 MB
+_VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")  # transformers' names of the mask-free packed paths
+
+
+def choose_collator(model, tokenizer, packing: bool | None, train_set, row_tokens: int = 0):
     """(collator, packed). Padding-free packing (one row per batch, no padding; the model separates the examples by
     their position ids) where asked for or, by default, where the model keeps packed examples apart; padded
-    batches otherwise. Both give each batch the same examples and supervised tokens."""
+    batches otherwise. Both give each batch the same examples and supervised tokens. By default also padded where a
+    packed row could reach `row_tokens` > PACKED_MASK_TOKENS and the attention is not FlashAttention's: transformers
+    then builds a T×T mask for the packed row (17 GB at 128k tokens), which padded batches of whole examples avoid."""
     padded = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)
     if packing is False:
+        return padded, False
+    attention = getattr(model.config, "_attn_implementation", None)
+    if packing is None and row_tokens > PACKED_MASK_TOKENS and attention not in _VARLEN_ATTENTION:
+        log.info("qmilora: padded batches, not packed ones: a packed row of up to %d tokens needs a %d x %d attention "
+                 "mask with %s attention (--packing true packs anyway)", row_tokens, row_tokens, row_tokens, attention)
         return padded, False
     flattening = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
     why = packing_mixes(model, flattening, train_set)

@@ -461,6 +461,14 @@ def test_packing_keeps_examples_apart(tiny_ckpt, caplog, monkeypatch):
 
     assert "lets packed examples attend to each other" in qtrain.packing_mixes(model, Mixing(
         return_position_ids=True, separator_id=-100), rows)
+    # long packed rows under SDPA: padded by default (a T×T mask), packed when asked for
+    assert model.config._attn_implementation == "sdpa"
+    with caplog.at_level("INFO", logger="qmilora"):
+        assert qtrain.choose_collator(model, None, None, rows, qtrain.PACKED_MASK_TOKENS + 8)[1] is False
+    assert "attention mask with sdpa attention" in caplog.text
+    assert qtrain.choose_collator(model, None, True, rows, qtrain.PACKED_MASK_TOKENS + 8)[1] is True
+    assert qtrain.choose_collator(model, None, None, rows, qtrain.PACKED_MASK_TOKENS)[1] is True
+    caplog.clear()
     monkeypatch.setattr(qtrain, "DataCollatorWithFlattening", Mixing)
     with pytest.raises(QMiLoRAError, match="lets packed examples attend to each other"):
         qtrain.choose_collator(model, None, True, rows)
