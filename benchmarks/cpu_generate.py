@@ -51,7 +51,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from qmilora import cpu, inference
-    from qmilora.cli.eval import mean_loss
+    from qmilora.fidelity import mean_loss
     from qmilora.data import BUNDLED, DataConfig, build_dataset
     from qmilora.export import as_trained
 

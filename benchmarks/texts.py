@@ -46,7 +46,7 @@ def perplexity(model, windows: list[list[int]], tokenizer, *, batch_size: int = 
     """exp(mean next-token cross-entropy) over the windows, with qmilora-eval's own loss (float32 logits)."""
     import math
 
-    from qmilora.cli.eval import mean_loss
+    from qmilora.fidelity import mean_loss
 
     rows = [{"input_ids": w, "attention_mask": [1] * len(w), "labels": w} for w in windows]
     return math.exp(mean_loss(model, rows, tokenizer, batch_size))

@@ -173,7 +173,8 @@ def whole_stack(module, param, lora) -> torch.Tensor:
 
 
 class _Adapted:
-    """A frozen stack with its adapter, as the grouped forward's `_grouped_linear` receives it (see `_routed_lora`)."""
+    """A frozen stack with its adapter, as the grouped forward's `_grouped_linear` receives it (see
+    `_install_routed_lora`)."""
 
     def __init__(self, base: torch.Tensor, lora):
         self.base, (self.A, self.B, self.scaling) = base, lora  # A (E, r, in), B (E, out, r)

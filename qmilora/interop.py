@@ -327,6 +327,14 @@ def is_bnb_lora(layer: LoraLayer) -> bool:
     return type(layer).__module__ == "peft.tuners.lora.bnb"
 
 
+def packs_without_mask(model: torch.nn.Module) -> bool:
+    """Whether the model's attention takes packed rows without a T×T mask: some flavour of FlashAttention, as
+    transformers itself tells them apart (its variable-length path)."""
+    from transformers.utils.generic import is_flash_attention_requested
+
+    return is_flash_attention_requested(model.config)
+
+
 def use_fused_lora(model: torch.nn.Module, enabled: bool = True) -> int:
     """Route PEFT's bitsandbytes 4-bit LoRA layers through `fused.LoraOverFrozen` while they train (or, enabled=False,
     back to PEFT's own forward); returns the number of layers changed. Any other state of a layer (merged, adapters

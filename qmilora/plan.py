@@ -162,7 +162,8 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
         tile = min(cfg.max_seq_length, h) * cfg.per_device_train_batch_size
         per_layer = tokens * (10 * h + 2 * h + attention) + tile * 9 * m
     checkpoints = c["layers"] * tokens * c["hidden"] * 2 if cfg.activation_checkpointing else 0
-    layers_kept = per_layer if cfg.activation_checkpointing else c["layers"] * per_layer
+    kept = lambda layer: layer if cfg.activation_checkpointing else c["layers"] * layer  # noqa: E731 (one recomputed)
+    layers_kept = kept(per_layer)
     routed = min(c["num_experts"], tokens * c["top_k"]) * c["expert_params"] * qcfg.torch_compute_dtype.itemsize
     full_logits = 3 * tokens * c["vocab"] * 4
     logits = 3 * min(tokens * c["vocab"] * 4, max(lm_loss.CHUNK_BYTES, c["vocab"] * 4)) if cfg.chunked_loss else full_logits
@@ -189,7 +190,7 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     # QLoRA's float32 embeddings keep the residual stream (the checkpointed layer inputs) in float32
     # (transformers' bitsandbytes path leaves MoE expert stacks unquantized: upcast to float32 with the rest)
     qlora_four_bit = c["linear"] * bytes_per_4bit_weight(qcfg.blocksize, qcfg.double_quant)
-    qlora_kept = untiled if cfg.activation_checkpointing else c["layers"] * untiled  # QLoRA tiles nothing
+    qlora_kept = kept(untiled)  # QLoRA tiles nothing
     qlora_transient = max(qlora_kept, full_logits) if cfg.activation_checkpointing else qlora_kept + full_logits
     qlora_static = qlora_four_bit + (c["other"] + c["experts"]) * 4
     if cfg.fsdp:  # sharded the same way (adapters and grads_and_optimizer are per GPU already)

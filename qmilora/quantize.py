@@ -224,7 +224,7 @@ def input_grad(layer: bnb.nn.Linear4bit):
 
     def grad(g: torch.Tensor) -> torch.Tensor:
         g_compute = g.to(layer.compute_dtype or g.dtype)
-        weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(g_compute.dtype)
+        weight = dequantize(layer.weight).to(g_compute.dtype)
         return torch.matmul(g_compute, weight).to(g.dtype)
 
     return grad

@@ -47,34 +47,32 @@ def untile(model: torch.nn.Module) -> int:
     """Undo `tile_position_wise`; returns the number of blocks restored."""
     restored = 0
     for module in model.modules():
-        if "_qmilora_untiled" in module.__dict__:
-            del module.forward, module._qmilora_untiled, module._qmilora_tile
+        if isinstance(module.__dict__.get("forward"), _TiledForward):
+            del module.forward
             restored += 1
     return restored
 
 
 def _tile(module: torch.nn.Module, tokens: int) -> None:
-    if "_qmilora_untiled" in module.__dict__:
-        module._qmilora_tile = tokens
-        return
-    module._qmilora_untiled, module._qmilora_tile = module.forward, tokens
-    module.forward = _TiledForward(module)
+    tiled = module.__dict__.get("forward")
+    if isinstance(tiled, _TiledForward):
+        tiled.tile = tokens
+    else:
+        module.forward = _TiledForward(module.forward, tokens)  # an instance attribute: the class stays untouched
 
 
 class _TiledForward:
-    """The module's forward over tiles of the sequence (dimension -2) while gradients are on; as it was otherwise.
-    (An object, not a closure over the module, so that the module is not kept alive by a cycle of its own.)"""
+    """`whole` (the module's own forward) over tiles of the sequence (dimension -2) while gradients are on; as it was
+    otherwise."""
 
-    def __init__(self, module):
-        self.module = [module]  # a list: not registered as a submodule
+    def __init__(self, whole, tile: int):
+        self.whole, self.tile = whole, tile
 
     def __call__(self, x, *args, **kwargs):
-        module = self.module[0]
-        whole, tile = module._qmilora_untiled, module._qmilora_tile
-        if args or kwargs or not torch.is_grad_enabled() or x.dim() < 2 or x.shape[-2] <= tile:
-            return whole(x, *args, **kwargs)
-        parts = [part.contiguous() for part in x.split(tile, dim=-2)]  # a block may view its input as (B·T, H)
-        return torch.cat([checkpoint(whole, part, use_reentrant=False) for part in parts], dim=-2)
+        if args or kwargs or not torch.is_grad_enabled() or x.dim() < 2 or x.shape[-2] <= self.tile:
+            return self.whole(x, *args, **kwargs)
+        parts = [part.contiguous() for part in x.split(self.tile, dim=-2)]  # a block may view its input as (B·T, H)
+        return torch.cat([checkpoint(self.whole, part, use_reentrant=False) for part in parts], dim=-2)
 
 
 def _routes(block: torch.nn.Module) -> bool:

@@ -360,7 +360,6 @@ def check_not_finished(checkpoint_dir: str, args: TrainingArguments) -> None:
 
 
 PACKED_MASK_TOKENS = 16384  # packed rows longer than this: the T×T mask SDPA and eager attention need passes 256 MB
-_VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")  # transformers' names of the mask-free packed paths
 
 
 def choose_collator(model, tokenizer, packing: bool | None, train_set, row_tokens: int = 0):
@@ -372,10 +371,10 @@ def choose_collator(model, tokenizer, packing: bool | None, train_set, row_token
     padded = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8)
     if packing is False:
         return padded, False
-    attention = getattr(model.config, "_attn_implementation", None)
-    if packing is None and row_tokens > PACKED_MASK_TOKENS and attention not in _VARLEN_ATTENTION:
+    if packing is None and row_tokens > PACKED_MASK_TOKENS and not interop.packs_without_mask(model):
         log.info("qmilora: padded batches, not packed ones: a packed row of up to %d tokens needs a %d x %d attention "
-                 "mask with %s attention (--packing true packs anyway)", row_tokens, row_tokens, row_tokens, attention)
+                 "mask with %s attention (--packing true packs anyway)", row_tokens, row_tokens, row_tokens,
+                 getattr(model.config, "_attn_implementation", None))
         return padded, False
     flattening = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
     why = packing_mixes(model, flattening, train_set)

@@ -468,6 +468,12 @@ def test_packing_keeps_examples_apart(tiny_ckpt, caplog, monkeypatch):
     assert "attention mask with sdpa attention" in caplog.text
     assert qtrain.choose_collator(model, None, True, rows, qtrain.PACKED_MASK_TOKENS + 8)[1] is True
     assert qtrain.choose_collator(model, None, None, rows, qtrain.PACKED_MASK_TOKENS)[1] is True
+    from types import SimpleNamespace
+
+    from qmilora.interop import packs_without_mask
+
+    assert [packs_without_mask(SimpleNamespace(config=SimpleNamespace(_attn_implementation=a)))
+            for a in ("flash_attention_2", "kernels-community/flash-attn3", "sdpa", "eager")] == [True, True, False, False]
     caplog.clear()
     monkeypatch.setattr(qtrain, "DataCollatorWithFlattening", Mixing)
     with pytest.raises(QMiLoRAError, match="lets packed examples attend to each other"):

@@ -21,18 +21,12 @@ class EvalArgs:
     merge_on_cpu: bool = field(default=True, metadata={"help": "On a CPU, evaluate the trained model as float32 weights merged once at load (dequantized 4-bit residual + adapter: the same model to float32 rounding, far faster there) when they fit in memory; false keeps the 4-bit layers."})
 
 
-def mean_loss(model, rows, tokenizer, batch_size: int, desc: str | None = None) -> float:
-    """`fidelity.mean_loss`, imported when called: this module loads for --help, which needs no torch."""
-    from ..fidelity import mean_loss
-
-    return mean_loss(model, rows, tokenizer, batch_size, desc)
-
-
 def evaluate(args: EvalArgs) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .. import inference
     from ..data import DataConfig, build_dataset
+    from ..fidelity import mean_loss  # here, not at the top: --help loads this module and needs no torch
     from ..runfolder import RunFolder
 
     meta = RunFolder(args.adapter).read_complete()
