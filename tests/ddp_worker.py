@@ -1,6 +1,7 @@
 """Run by torchrun in tests: qmilora-train's CLI, recording each process's prepared model (every tensor of its
 state dict, 4-bit blocks and quantization constants included) and optionally killing the whole launch with
-SIGKILL (torchrun and every rank) right after checkpoint KILL_AT is marked complete."""
+SIGKILL (torchrun and every rank) right after checkpoint KILL_AT is marked complete; TILE_TOKENS sets --tiled_mlp's
+tile (the tiny models' hidden size would leave their short rows in one tile)."""
 import hashlib
 import os
 import signal
@@ -10,6 +11,7 @@ import time
 from accelerate import PartialState
 
 import qmilora.prepare
+import qmilora.tiled
 import qmilora.train as T
 
 prepare = qmilora.prepare.prepare_model
@@ -42,6 +44,9 @@ def on_save(self, args, state, control, **kw):
 import torch  # noqa: E402
 
 qmilora.prepare.prepare_model = recording_prepare
+if os.environ.get("TILE_TOKENS"):
+    tile = qmilora.tiled.tile_position_wise
+    qmilora.tiled.tile_position_wise = lambda model: tile(model, tokens=int(os.environ["TILE_TOKENS"]))
 T._Progress.on_save = on_save
 from qmilora.cli.train import main  # noqa: E402
 

@@ -79,6 +79,26 @@ def test_resume_after_sigkill_of_every_process_matches_an_uninterrupted_run(tiny
     assert losses(full, 6)[-2:] == pytest.approx(losses(killed, 6)[-2:], rel=1e-6)
 
 
+def test_tiled_mlp_under_ddp_and_resume_matches_the_untiled_run(tiny_llm, tmp_path, cache):
+    """--tiled_mlp (tiles of 8 tokens) with two processes, killed at step 4 and resumed: the same losses and adapter
+    as the untiled two-process run."""
+    common = ("--max_steps", "6", "--save_steps", "2")
+    plain, tiled = tmp_path / "plain", tmp_path / "tiled"
+    assert torchrun(flags(tiny_llm, plain, cache, 2, *common), tmp_path).returncode == 0
+    proc = torchrun(flags(tiny_llm, tiled, cache, 2, *common, "--tiled_mlp", "true"), tmp_path, KILL_AT="4",
+                    TILE_TOKENS="8")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    proc = torchrun(flags(tiny_llm, tiled, cache, 2, *common, "--tiled_mlp", "true", "--resume_from_checkpoint", "true"),
+                    tmp_path, TILE_TOKENS="8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "position-wise blocks tiled over the sequence" in proc.stderr
+    assert json.load(open(tiled / "qmilora.json"))["summary"]["tiled_mlp"] is True
+    a, b = adapter(plain), adapter(tiled)
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-4 * a[k].abs().max(), k
+    assert losses(tiled, 6) == pytest.approx(losses(plain, 6), rel=1e-5)
+
+
 def test_every_process_writes_a_whole_cache_entry(tiny_llm, tmp_path):
     """Multi-node torchrun: each node's main process prepares into its node's cache, but transformers'
     save_pretrained writes only on global rank 0 once torch.distributed is up (silently: an entry with an empty
