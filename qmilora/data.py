@@ -29,6 +29,8 @@ IGNORE = -100
 # without a chat template: Alpaca's section markers, not its preamble sentence (text the user did not write)
 _ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"
 TEMPLATES = ("model", "none")
+# packed rows longer than this stay padded by default: SDPA and eager attention need a T×T mask (256 MB at this length)
+PACKED_MASK_TOKENS = 16384
 _SENTINEL_SYSTEM, _SENTINEL_USER = "QMILORASYSTEMSENTINEL", "QMILORAUSERSENTINEL"
 
 

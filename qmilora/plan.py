@@ -16,6 +16,10 @@ per target (per expert for a stack).
                34·h measured on an H200; the MLP part (gate, up, their product and the fused LoRA masks, 9·m) is
                modelled from what autograd keeps. With --tiled_mlp only one tile's MLP part is alive (tiles of h
                tokens per sequence), plus its input kept per token (2·h)
+    packing:   a packed micro-batch (several examples in one row, SDPA or eager attention) carries a T×T mask for
+               the whole step, T = batch · max_seq_length: T² bytes (booleans; eager: the compute dtype's size);
+               FlashAttention's varlen path needs none (not modelled: the plan assumes qmilora-train's SDPA). By
+               default qmilora-train packs only up to data.PACKED_MASK_TOKENS per row
     logits:    float32, ×3 (logits, log-softmax, their gradient): T·vocab·4 bytes each with the model's loss,
                one chunk (loss.CHUNK_BYTES) with the chunked loss; with checkpointing only the larger of the logits
                and the recomputed layer counts (one is alive at the end of forward, the other in backward)
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 
 from . import interop, loss as lm_loss
 from .config import QMiLoRAConfig, QMiLoRAError
+from .data import PACKED_MASK_TOKENS
 
 GB = 2**30
 MAX_LAYERS = 1024  # the meta model of 1024 Llama layers builds in about 1.5 s
@@ -51,6 +56,7 @@ class PlanConfig:
     chunked_loss: bool = field(default=True, metadata={"help": "The chunked loss (qmilora-train's default): one chunk of float32 logits instead of all."})
     offload_activations: bool = field(default=False, metadata={"help": "Activation checkpoints in host memory (qmilora-train --offload_activations)."})
     tiled_mlp: bool = field(default=False, metadata={"help": "Each layer's MLP over the sequence in tiles (qmilora-train --tiled_mlp)."})
+    packing: bool | None = field(default=None, metadata={"help": "As qmilora-train --packing (default: automatic, packed rows up to 16,384 tokens). A packed micro-batch of several examples carries a (batch·max_seq_length)² mask under SDPA."})
     num_gpus: int = field(default=1, metadata={"help": "Data-parallel processes (torchrun / accelerate launch): each GPU holds the whole 4-bit model plus DDP's gradient buckets."})
     fsdp: bool = field(default=False, metadata={"help": "Sharded over the num_gpus processes (qmilora-train --fsdp): each GPU holds 1/num_gpus of the weights, adapters and optimizer state plus two gathered decoder layers; the model is prepared in host memory."})
 
@@ -162,6 +168,10 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
         tile = min(cfg.max_seq_length, h) * cfg.per_device_train_batch_size
         per_layer = tokens * (10 * h + 2 * h + attention) + tile * 9 * m
     checkpoints = c["layers"] * tokens * c["hidden"] * 2 if cfg.activation_checkpointing else 0
+    packs = cfg.packing if cfg.packing is not None else tokens <= PACKED_MASK_TOKENS
+    # one example per row needs no mask: its position ids are one causal sequence
+    mask = tokens * tokens * (1 if cfg.fused_attention else qcfg.torch_compute_dtype.itemsize) \
+        if packs and cfg.per_device_train_batch_size > 1 else 0
     kept = lambda layer: layer if cfg.activation_checkpointing else c["layers"] * layer  # noqa: E731 (one recomputed)
     layers_kept = kept(per_layer)
     routed = min(c["num_experts"], tokens * c["top_k"]) * c["expert_params"] * qcfg.torch_compute_dtype.itemsize
@@ -171,7 +181,7 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     # the larger of the two counts. Measured on an H200, Llama-2-7B shape at 2048 tokens (issue 15): the sum
     # over-planned the model's loss by 13%, the larger of the two is within 10% for both losses.
     transient = max(layers_kept, logits) if cfg.activation_checkpointing else layers_kept + logits
-    activations = transient + routed + (0 if cfg.offload_activations else checkpoints)
+    activations = transient + routed + mask + (0 if cfg.offload_activations else checkpoints)
     out_f, in_f = c["largest_linear"]
     k = min(out_f, in_f)
     # one weight on the device during preparation: fp32 copy, float64 copy, Gram matrix and eigensolver work
@@ -195,11 +205,12 @@ def plan(cfg: PlanConfig, qcfg: QMiLoRAConfig, hf_config) -> dict:
     qlora_static = qlora_four_bit + (c["other"] + c["experts"]) * 4
     if cfg.fsdp:  # sharded the same way (adapters and grads_and_optimizer are per GPU already)
         qlora_static = qlora_static / cfg.num_gpus + 2 * qlora_static / max(1, c["layers"])
-    qlora_train_peak = qlora_static + adapters + grads_and_optimizer + 2 * checkpoints + qlora_transient
+    qlora_train_peak = qlora_static + adapters + grads_and_optimizer + 2 * checkpoints + qlora_transient + mask
     return {"quantized_weights_gb": weights / GB, "adapter_params": adapter_params, "adapters_gb": adapters / GB,
             "grads_and_optimizer_gb": grads_and_optimizer / GB, "activations_gb": activations / GB,
             "offloaded_gb": (checkpoints if cfg.offload_activations else 0) / GB,
-            "logits_gb": logits / GB, "checkpoints_gb": (0 if cfg.offload_activations else checkpoints) / GB,
+            "logits_gb": logits / GB, "packing_mask_gb": mask / GB,
+            "checkpoints_gb": (0 if cfg.offload_activations else checkpoints) / GB,
             "transient_gb": transient / GB, "svd_workspace_gb": svd_workspace / GB, "prepare_peak_gb": prepare_peak / GB,
             "train_peak_gb": train_peak / GB, "qlora_train_peak_gb": qlora_train_peak / GB,
             "gpu_gb": parse_size(cfg.gpu_memory) / GB, "routed_experts_gb": routed / GB,

@@ -10,15 +10,8 @@ import copy
 import torch
 from torch import nn
 
-import logging
-
-# bitsandbytes 0.50 on AVX512-BF16 CPUs tries an optional inference kernel from the Hub at import and logs its
-# absence on every command; QMiLoRA never uses that path (see keep_training_layout). Other warnings stay.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    lambda record: "gemm_4bit_forward from kernels-community" not in str(record.msg))
-
-import bitsandbytes as bnb  # noqa: E402
-from bitsandbytes.functional import QuantState, dequantize_4bit, get_4bit_type, quantize_4bit  # noqa: E402
+import bitsandbytes as bnb
+from bitsandbytes.functional import QuantState, dequantize_4bit, get_4bit_type, quantize_4bit
 
 
 def reference_dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,

@@ -16,7 +16,7 @@ from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWit
 
 from . import cache, checkpoint, console, cpu, files as qfiles, interop, loss as lm_loss
 from .config import QMiLoRAConfig, QMiLoRAError
-from .data import DataConfig, build_dataset, check_file, show_example
+from .data import PACKED_MASK_TOKENS, DataConfig, build_dataset, check_file, show_example
 from .runfolder import ADAPTER_FILE, RESIDUAL, RunFolder
 
 log = logging.getLogger("qmilora")
@@ -357,9 +357,6 @@ def check_not_finished(checkpoint_dir: str, args: TrainingArguments) -> None:
     if args.max_steps <= 0 and epoch >= args.num_train_epochs:
         raise QMiLoRAError(f"{checkpoint_dir} has trained {epoch:g} epochs of --num_train_epochs "
                            f"{args.num_train_epochs:g}: there is nothing left to train; pass more epochs to train longer")
-
-
-PACKED_MASK_TOKENS = 16384  # packed rows longer than this: the T×T mask SDPA and eager attention need passes 256 MB
 
 
 def choose_collator(model, tokenizer, packing: bool | None, train_set, row_tokens: int = 0):

@@ -114,6 +114,33 @@ def test_tiled_mlp_in_the_plan(capsys):
     assert "fits with --tiled_mlp true" in capsys.readouterr().out
 
 
+def test_packing_mask_in_the_plan(capsys):
+    """A packed micro-batch under SDPA carries a (batch·seq)² boolean mask (transformers builds one as soon as a row
+    holds several examples): forced packing counts it, the automatic default only up to PACKED_MASK_TOKENS, where
+    qmilora-train packs; one example per row, or padded batches, none. The advice offers --packing false."""
+    from qmilora import QMiLoRAConfig
+    from qmilora.configs import locate
+    from qmilora.data import PACKED_MASK_TOKENS
+
+    q = QMiLoRAConfig(rank=64, compute_dtype="bfloat16")
+    llama3 = AutoConfig.from_pretrained(locate("llama-3-8b", None)[0])
+    at = lambda batch, seq, **kw: plan(PlanConfig(model="x", per_device_train_batch_size=batch, max_seq_length=seq,  # noqa: E731
+                                                  **kw), q, llama3)
+    forced, padded = at(4, 8192, packing=True), at(4, 8192, packing=False)
+    assert forced["packing_mask_gb"] == pytest.approx(32768**2 / 2**30)
+    assert forced["train_peak_gb"] - padded["train_peak_gb"] == pytest.approx(1.0)
+    assert forced["qlora_train_peak_gb"] - padded["qlora_train_peak_gb"] == pytest.approx(1.0)
+    assert at(4, 8192)["packing_mask_gb"] == 0  # automatic: padded beyond PACKED_MASK_TOKENS per row
+    assert at(2, PACKED_MASK_TOKENS // 2)["packing_mask_gb"] == pytest.approx(PACKED_MASK_TOKENS**2 / 2**30)
+    assert at(1, 2**17, packing=True)["packing_mask_gb"] == 0
+    assert at(4, 8192, packing=True, fused_attention=False)["packing_mask_gb"] == pytest.approx(2 * 32768**2 / 2**30)
+    tight = f"{(padded['train_peak_gb'] + 0.5) * 1024:.0f}MB"
+    assert plan_main(["--model", "llama-3-8b", "--per_device_train_batch_size", "4", "--max_seq_length", "8192",
+                      "--packing", "true", "--gpu_memory", tight]) == 0
+    out = capsys.readouterr().out
+    assert "packed row's attention mask" in out and "fits with --packing false" in out
+
+
 def test_plan_arithmetic_and_cli(even_ckpt, capsys):
     from qmilora import QMiLoRAConfig
 

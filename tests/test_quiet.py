@@ -72,3 +72,13 @@ def test_loading_a_model_prints_no_deprecation(tiny_ckpt, tmp_path):
                           env={**os.environ, "TQDM_DISABLE": "1"})
     assert proc.returncode == 0 and "prepared" in proc.stdout, proc.stderr[-1000:]
     assert "is_gradient_checkpointing" not in proc.stderr
+
+
+def test_a_command_prints_no_library_noise():
+    """qmilora-plan, on its own process: nothing on stderr. bitsandbytes logs a missing optional Hub kernel when it
+    is first imported on AVX512-BF16 CPUs (PEFT imports it, before qmilora.quantize): filtered in the package's
+    __init__, ahead of every import (fails without it on such a CPU)."""
+    proc = subprocess.run([sys.executable, "-m", "qmilora", "plan", "--model", "llama-3-8b"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0 and "fits in 24 GB" in proc.stdout
+    assert proc.stderr == ""

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                  + ("chunked loss)" if cfg.chunked_loss else "model's loss)"), p["transient_gb"]),
                 *([("routed experts' weights kept for one layer's backward", p["routed_experts_gb"])]
                   if p["num_experts"] else []),
+                *([("packed row's attention mask (SDPA)", p["packing_mask_gb"])] if p["packing_mask_gb"] else []),
                 ("one weight's SVD workspace (prepare)", p["svd_workspace_gb"])]
         for label, gb in rows:
             print(f"{label:<50} {gb:8.2f} GB")
@@ -69,27 +70,29 @@ def advice(cfg, qcfg, hf_config) -> str:
 
     from ..plan import parse_size, plan
 
-    names = ("chunked_loss", "offload_activations", "tiled_mlp")
-    options = replace(cfg, **dict.fromkeys(names, True))
+    lighter = {"chunked_loss": True, "packing": False, "offload_activations": True, "tiled_mlp": True}  # cheapest first
+    options = replace(cfg, **lighter)
+    flag = lambda n: f"--{n} {str(lighter[n]).lower()}"  # noqa: E731
 
     def useful(seq: int) -> list[str]:
-        """The options that lower this model's plan at `seq` (a MoE's expert blocks are not tiled)."""
+        """The options, not already as `lighter` sets them, that lower this model's plan at `seq` (a MoE's expert
+        blocks are not tiled; one example per row needs no packing mask)."""
         at = replace(options, max_seq_length=seq)
         best = plan(at, qcfg, hf_config)["train_peak_gb"]
-        return [n for n in names if plan(replace(at, **{n: False}), qcfg, hf_config)["train_peak_gb"] > best]
+        return [n for n in lighter if getattr(cfg, n) != lighter[n]
+                and plan(replace(at, **{n: getattr(cfg, n)}), qcfg, hf_config)["train_peak_gb"] > best]
 
     if plan(options, qcfg, hf_config)["fits"]:
-        flags = [f"--{n} true" for n in useful(cfg.max_seq_length) if not getattr(cfg, n)]
-        for flag in flags:  # the cheapest single option that is enough
-            single = replace(cfg, **{flag.split()[0][2:]: True})
-            if plan(single, qcfg, hf_config)["fits"]:
-                return f"fits with {flag}"
-        return "fits with " + " ".join(flags)
+        names = useful(cfg.max_seq_length)
+        for name in names:  # the cheapest single option that is enough
+            if plan(replace(cfg, **{name: lighter[name]}), qcfg, hf_config)["fits"]:
+                return f"fits with {flag(name)}"
+        return "fits with " + " ".join(map(flag, names))
     seq = cfg.max_seq_length
     while seq > 1 and not plan(replace(options, max_seq_length=seq), qcfg, hf_config)["fits"]:
         seq //= 2
     if seq >= 1 and plan(replace(options, max_seq_length=seq), qcfg, hf_config)["fits"]:
-        return f"fits with --max_seq_length {seq} " + " ".join(f"--{n} true" for n in useful(seq))
+        return f"fits with --max_seq_length {seq} " + " ".join(map(flag, useful(seq)))
     card = parse_size(cfg.gpu_memory)
     if plan(options, qcfg, hf_config)["quantized_weights_gb"] * 2**30 > card:
         return "does not fit at any sequence length: the weights alone exceed the card"
