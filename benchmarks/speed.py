@@ -157,9 +157,26 @@ def write_data(path: str, directory: str, rows: int, seq: int) -> None:
             f.write(json.dumps({"text": " ".join(rng.choice(pool) for _ in range(n))}) + "\n")
 
 
-def measure(name: str, argv: list[str], out: str, cache: str) -> dict:
+# qmilora-train's own main under a CUDA memory cap (GiB, $QMILORA_BENCH_GPU_CAP): a smaller card on a larger one
+CAPPED = ("import os, sys, torch; cap = float(os.environ['QMILORA_BENCH_GPU_CAP']) * 2**30\n"
+          "if torch.cuda.is_available():\n"
+          "    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0).total_memory))\n"
+          "from qmilora.cli.train import main; sys.exit(main(sys.argv[1:]))")
+
+
+def cap_memory() -> None:
+    """The QLoRA child under the same cap as the qmilora-train rows."""
+    cap = os.environ.get("QMILORA_BENCH_GPU_CAP")
+    if cap and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) * 2**30 / total))
+
+
+def measure(name: str, argv: list[str], out: str, cache: str, gpu_cap: float | None = None) -> dict:
     """One row in a fresh process: qmilora-train, or the QLoRA child; what its run summary says."""
     env = {"QMILORA_CACHE": cache, "TQDM_DISABLE": "1"}
+    if gpu_cap:
+        env["QMILORA_BENCH_GPU_CAP"] = str(gpu_cap)
     if name == "qlora":
         import subprocess
 
@@ -168,6 +185,13 @@ def measure(name: str, argv: list[str], out: str, cache: str) -> dict:
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         summary = json.loads(lines[-1][len("RESULT "):]) if lines and not proc.returncode else None
         shown = command
+    elif gpu_cap:
+        import subprocess
+
+        proc = subprocess.run([sys.executable, "-c", CAPPED, *argv, "--output_dir", out], env={**os.environ, **env},
+                              capture_output=True, text=True)
+        summary = None if proc.returncode else json.load(open(os.path.join(out, "qmilora.json")))["summary"]
+        shown = proc.args
     else:
         proc = run_qmilora("train", [*argv, "--output_dir", out], env)
         summary = None if proc.returncode else json.load(open(os.path.join(out, "qmilora.json")))["summary"]
@@ -211,6 +235,7 @@ def qlora_child(argv: list[str]) -> None:
     from qmilora.quantize import keep_training_layout
     from qmilora.train import _peak_gb, choose_collator  # the memory probe of qmilora-train's summary
 
+    cap_memory()
     run, qcfg, dcfg, args = parse(argv)
     threads, _ = cpu.choose(qcfg.threads)
     cpu.apply(threads)
@@ -247,8 +272,9 @@ def qlora_child(argv: list[str]) -> None:
         "packing": packed, "fused_lora": False}), flush=True)
 
 
-def planned(row: str, argv: list[str], directory: str) -> float | None:
-    """qmilora-plan's training peak (GB) for a row's settings (QLoRA's column for the qlora row)."""
+def planned(row: str, argv: list[str], directory: str, packed: bool | None) -> float | None:
+    """qmilora-plan's training peak (GB) for a row's settings and the batching it ran with (QLoRA's column for the
+    qlora row)."""
     from transformers import AutoConfig
 
     from qmilora.cli.train import parse
@@ -259,7 +285,8 @@ def planned(row: str, argv: list[str], directory: str) -> float | None:
                      per_device_train_batch_size=args.per_device_train_batch_size,
                      activation_checkpointing=args.activation_checkpointing, optim=args.optim,
                      chunked_loss=run.chunked_loss and not args.use_liger_kernel,
-                     offload_activations=run.offload_activations, tiled_mlp=run.tiled_mlp)
+                     offload_activations=run.offload_activations, tiled_mlp=run.tiled_mlp,
+                     packing=packed if isinstance(packed, bool) else dcfg.packing)
     p = plan(cfg, qcfg, AutoConfig.from_pretrained(directory))
     return round(p["qlora_train_peak_gb" if row == "qlora" else "train_peak_gb"], 3)
 
@@ -300,6 +327,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, help="--rank (default: qmilora-train's)")
     p.add_argument("--repeat", type=int, default=1, help="runs of every row; the order alternates between repeats")
     p.add_argument("--flags", default="", help="more qmilora-train flags for every row, e.g. --flags=\"--tiled_mlp true\"")
+    p.add_argument("--gpu_cap", type=float, help="GiB: cap every row's CUDA memory (torch's per-process fraction) "
+                   "as on a smaller card, e.g. 23 for a 24 GB card less its CUDA context; a row that needs more fails")
     p.add_argument("--no_qlora", action="store_true", help="leave out the QLoRA row (where it cannot fit)")
     p.add_argument("--cache", help="the prepared-model cache to use and keep (default: a temporary one)")
     p.add_argument("--tag", default="", help="appended to the result's file name (e.g. the sequence length)")
@@ -352,8 +381,8 @@ def main() -> None:
         for i in range(args.repeat):
             for name, flags in (order if i % 2 == 0 else order[::-1]):
                 argv = [*base, "--max_steps", str(args.steps), *flags]
-                runs.append({"repeat": i, **measure(name, argv, os.path.join(tmp, f"{name}-{i}"), cache),
-                             "plan_gb": planned(name, argv, directory)})
+                row = measure(name, argv, os.path.join(tmp, f"{name}-{i}"), cache, args.gpu_cap)
+                runs.append({"repeat": i, **row, "plan_gb": planned(name, argv, directory, row.get("packing"))})
                 shown = {k: v for k, v in runs[-1].items() if k != "command"}
                 print(json.dumps(shown), flush=True)  # in the log even if a later row fails
 
@@ -366,7 +395,8 @@ def main() -> None:
     for r in failed:
         print(f"FAILED {r['row']} (repeat {r['repeat']}): {r['error']}\n  {r['command']}")
     settings = {"model": label, "data": data, "seq": args.seq if data == "synthetic" else None, "steps": args.steps,
-                "batch": args.batch, "rank": args.rank, "repeat": args.repeat, "device": device}
+                "batch": args.batch, "rank": args.rank, "repeat": args.repeat, "device": device,
+                "gpu_cap_gib": args.gpu_cap}
     path = write(f"speed-{label}-{device}" + (f"-{args.tag}" if args.tag else ""), rows, {"settings": settings, "skipped": skipped, "runs": runs,
                                                   "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:])})
     print(f"wrote {path}")

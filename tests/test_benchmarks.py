@@ -102,10 +102,11 @@ def test_quality_tasks_split_disjoint_and_fixed():
 
 def test_speed_runs(tmp_path):
     """speed.py end to end on CPU at the tiny shape: a warm-up that prepares, the qmilora-train default, one option
-    flipped, and the QLoRA baseline, each in its own process; both sides train on the same supervised tokens."""
+    flipped, and the QLoRA baseline, each in its own process; both sides train on the same supervised tokens. With
+    --gpu_cap the rows run qmilora-train's main under the cap (a no-op without CUDA)."""
     env = {**os.environ, "QMILORA_BENCH_RESULTS": str(tmp_path), "TQDM_DISABLE": "1"}
     args = ["--shape", "tiny", "--seq", "32", "--steps", "2", "--batch", "2", "--rank", "4", "--repeat", "1",
-            "--options", "chunked_loss"]
+            "--options", "chunked_loss", "--gpu_cap", "23"]
     out = subprocess.run([sys.executable, os.path.join(BENCH, "speed.py"), *args], cwd=BENCH, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
@@ -116,6 +117,7 @@ def test_speed_runs(tmp_path):
     assert runs["default"]["loss"] == "chunked" and runs["chunked_loss=false"]["loss"] == "model"
     assert "--chunked_loss false" in runs["chunked_loss=false"]["command"]
     assert "--child qlora" in runs["qlora"]["command"]
+    assert "set_per_process_memory_fraction" in runs["default"]["command"] and result["settings"]["gpu_cap_gib"] == 23
     assert runs["qlora"]["supervised_tokens"] == runs["default"]["supervised_tokens"] > 0  # the same batches
     assert runs["qlora"]["packing"] == runs["default"]["packing"] is not None
     assert result["rows"][2]["speed_vs_qlora"] == 1 and result["rows"][0]["speed_vs_default"] == 1
