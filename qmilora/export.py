@@ -427,8 +427,9 @@ def _factors(trained: dict, initial: dict) -> dict[str, tuple[tuple[torch.Tensor
 @contextlib.contextmanager
 def _output(output: str, overwrite: bool):
     """A temporary that becomes `output`, with a record of its files (what a later --overwrite may replace);
-    `_check_output` checked first that replacing is allowed."""
-    with files.atomic_dir(output, overwrite=True) as tmp:
+    `_check_output` checked first that replacing is allowed, and the rename checks again (the output may have
+    changed while the export ran)."""
+    with files.atomic_dir(output, overwrite=overwrite, own_only="--overwrite") as tmp:
         yield tmp
         files.write_manifest(tmp, "qmilora-export")
 

@@ -97,12 +97,16 @@ def write_atomic(path: str, data: bytes, private: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str, overwrite: bool = False, private: bool = False):
+def atomic_dir(target: str, overwrite: bool = False, private: bool = False, own_only: str | None = None):
     """Yield a temporary directory beside `target`; on success rename it to `target`, on error remove it.
 
     A process killed midway leaves only a marked temporary, never a half-written `target`; the next atomic write in
-    the same folder removes such leftovers of processes that are no longer running. `overwrite` replaces an existing
-    `target` whole: the caller has checked that it holds only what qmilora wrote there.
+    the same folder removes such leftovers of processes that are no longer running. Without `overwrite` only a
+    missing or empty `target` is replaced, decided by the rename itself (so also for a folder made meanwhile).
+    `overwrite` replaces an existing `target` whole: the caller has checked that it holds only what qmilora wrote
+    there. With `own_only` (the flag that allows replacing, for messages) that is checked again once `target` is
+    moved aside, where no one writes into it by name any more: a folder that gained another's files since the
+    caller's check is put back, never deleted.
     """
     target = real_target(target)
     parent = os.path.dirname(target)
@@ -112,18 +116,43 @@ def atomic_dir(target: str, overwrite: bool = False, private: bool = False):
     try:
         yield tmp
         _seal(tmp, private)
-        if os.path.lexists(target):
-            if not overwrite:
-                raise QMiLoRAError(f"{target} already exists")
-            old = make_temporary(parent, os.path.basename(target))
-            os.rename(target, os.path.join(old, "old"))
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
+        if not overwrite or not os.path.lexists(target):
+            try:
+                os.rename(tmp, target)  # onto nothing or an empty folder; anything else stays and is refused
+            except OSError:
+                if not os.path.lexists(target):
+                    raise
+                hint = f"; pass {own_only} to replace it" if own_only else ""
+                raise QMiLoRAError(f"output {target} already exists and is not an empty folder{hint}") from None
+            return
+        old = make_temporary(parent, os.path.basename(target))
+        moved = os.path.join(old, "old")
+        os.rename(target, moved)
+        problem = _replace_problem(moved, target, own_only) if own_only else None
+        if problem:
+            kept = _put_back(moved, target)
+            if kept == moved:  # no longer a temporary: no cleanup may remove what it holds
+                os.unlink(os.path.join(old, MARKER))
+            else:
+                shutil.rmtree(old)  # only its marker is left
+            raise QMiLoRAError(problem + ("; nothing was replaced" if kept == target else f"; it is kept as {kept}"))
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _put_back(moved: str, target: str) -> str:
+    """Move a folder that must not be replaced back to `target`, else (made again meanwhile) beside it; returns
+    where it is."""
+    for place in (target, f"{target}.kept-{os.getpid()}"):
+        try:
+            os.rename(moved, place)
+            return place
+        except OSError:
+            pass
+    return moved
 
 
 def real_target(path: str) -> str:
@@ -307,22 +336,30 @@ def write_manifest(folder: str, written_by: str) -> None:
 
 def check_replaceable(output: str, flag: str = "--overwrite") -> None:
     """An existing, non-empty output folder may be replaced only when it holds exactly what qmilora wrote there."""
-    if os.path.islink(output):
-        raise QMiLoRAError(f"output {output} is a symlink; write to a real folder")
-    if os.path.lexists(output) and not os.path.isdir(output):
-        raise QMiLoRAError(f"output {output} is a file, not a directory")
-    if not os.path.isdir(output) or not os.listdir(output):
-        return
+    problem = _replace_problem(output, output, flag)
+    if problem:
+        raise QMiLoRAError(problem)
+
+
+def _replace_problem(path: str, shown: str, flag: str) -> str | None:
+    """Why the folder at `path` (named `shown` to the user) may not be replaced, or None."""
+    if os.path.islink(path):
+        return f"output {shown} is a symlink; write to a real folder"
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return f"output {shown} is a file, not a directory"
+    if not os.path.isdir(path) or not os.listdir(path):
+        return None
     try:
-        with open(os.path.join(output, MANIFEST)) as f:
+        with open(os.path.join(path, MANIFEST)) as f:
             recorded = json.load(f)["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise QMiLoRAError(f"output {output} is not empty and was not written by qmilora; choose a new or empty "
-                           "folder (qmilora replaces only its own outputs)") from None
-    others = foreign(output, recorded, skip=(MANIFEST,))
+        return (f"output {shown} is not empty and was not written by qmilora; choose a new or empty folder (qmilora "
+                "replaces only its own outputs)")
+    others = foreign(path, recorded, skip=(MANIFEST,))
     if others:
-        raise QMiLoRAError(f"output {output} holds {', '.join(others[:3])}, which qmilora did not write (or which "
-                           f"changed since); move it away first: {flag} replaces only qmilora's own files")
+        return (f"output {shown} holds {', '.join(others[:3])}, which qmilora did not write (or which changed "
+                f"since); move it away first: {flag} replaces only qmilora's own files")
+    return None
 
 
 # --- outputs against inputs ----------------------------------------------------------------------------------------------

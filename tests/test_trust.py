@@ -2,13 +2,14 @@
 import json
 import logging
 import os
+import pathlib
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qmilora import checkpoint, prepare_model
+from qmilora import checkpoint, files, prepare_model
 from qmilora.cache import Entry
 from qmilora.cli.export import main as export_main
 from qmilora.cli.inspect import main as inspect_main
@@ -228,6 +229,47 @@ def test_leftovers_of_killed_writes_are_removed_by_marker_not_by_name(tmp_path):
     assert not os.path.exists(stale) and os.path.exists(alive) and (tmp_path / "merged" / "f").exists()
     assert notes.read_text() == "keep" and (lookalike / "mine.txt").read_text() == "keep"
     assert not (tmp_path / "merged" / files.MARKER).exists()
+
+
+def test_replacing_an_output_checks_it_again_at_the_rename(tmp_path):
+    """An output checked as qmilora's own before a long export may gain a user's file (or appear) while the export
+    runs: the rename refuses then, keeping every file, and replaces a folder that is still only qmilora's."""
+    out = tmp_path / "out"
+
+    def publish(overwrite, before_rename=lambda: None):
+        with files.atomic_dir(str(out), overwrite=overwrite, own_only="--overwrite") as tmp:
+            (pathlib.Path(tmp) / "model.bin").write_text("new")
+            files.write_manifest(tmp, "test")
+            before_rename()
+
+    publish(False)
+    files.check_replaceable(str(out))  # what the export checks before its slow part
+    with pytest.raises(QMiLoRAError, match="notes.txt, which qmilora did not write.*nothing was replaced"):
+        publish(True, lambda: (out / "notes.txt").write_text("keep"))
+    assert (out / "notes.txt").read_text() == "keep" and (out / "model.bin").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left behind
+    (out / "notes.txt").unlink()
+    with pytest.raises(QMiLoRAError, match="model.bin, which qmilora did not write \\(or which changed since\\)"):
+        publish(True, lambda: (out / "model.bin").write_text("edited by the user"))
+    assert (out / "model.bin").read_text() == "edited by the user"
+    (out / "model.bin").write_text("new")
+    publish(True)  # only qmilora's files, as recorded: replaced
+    assert sorted(p.name for p in out.iterdir()) == sorted([files.MANIFEST, "model.bin"])
+    # without --overwrite only a missing or empty folder is replaced, also one made while the export ran
+    other = tmp_path / "other"
+    out = other
+    publish(False, lambda: other.mkdir())
+    assert (other / "model.bin").read_text() == "new"
+    with pytest.raises(QMiLoRAError, match="already exists and is not an empty folder; pass --overwrite"):
+        publish(False)
+    assert (other / "model.bin").read_text() == "new"
+    # a folder to put back whose name was taken again meanwhile goes beside it, never into a temporary
+    moved, taken = tmp_path / "moved", tmp_path / "taken"
+    for folder in (moved, taken):
+        folder.mkdir()
+        (folder / "keep.txt").write_text(folder.name)
+    kept = files._put_back(str(moved), str(taken))
+    assert kept == f"{taken}.kept-{os.getpid()}" and (pathlib.Path(kept) / "keep.txt").read_text() == "moved"
 
 
 def test_outputs_get_the_users_normal_permissions(tmp_path):

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "the qmilora cache": qcfg.resolved_cache_dir})
         fresh_output(args.output, args.overwrite)
         report = inspect_checkpoint(args, qcfg)
-        with atomic_dir(args.output, overwrite=True) as tmp:
+        with atomic_dir(args.output, overwrite=args.overwrite, own_only="--overwrite") as tmp:
             with open(os.path.join(tmp, "report.json"), "w") as f:
                 json.dump(report, f, indent=1)
             plot(report, os.path.join(tmp, "spectra.png"))
