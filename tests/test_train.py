@@ -10,6 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from qmilora.cli.train import main, parse
+from qmilora.config import QMiLoRAError
 from qmilora.train import load_trained, train
 
 IDS = torch.tensor([[3, 10, 7, 34, 12, 41, 9, 4]])
@@ -76,6 +77,27 @@ def test_yaml_config_and_aliases(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("rnak: 4\n")
     assert main(["--config", str(bad)]) == 1
+    # a recipe takes the aliases the command line takes, and transformers' old checkpointing name
+    aliases = tmp_path / "aliases.yaml"
+    aliases.write_text(yaml.safe_dump({"model_name_or_path": "m", "lora_r": 8, "max_length": 48,
+                                       "gradient_checkpointing": False}))
+    run, q, d, t = parse(["--config", str(aliases), "--output_dir", str(tmp_path / "o")])
+    assert (run.model, q.rank, d.max_seq_length, t.activation_checkpointing) == ("m", 8, 48, False)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("lora_r: 8\nrank: 4\n")
+    with pytest.raises(QMiLoRAError, match="lora_r and rank name the same setting"):
+        parse(["--config", str(twice)])
+
+
+@pytest.mark.parametrize("flags, on", [(["--gradient_checkpointing", "false"], False), (["--no_activation_checkpointing"], False),
+                                       (["--activation_checkpointing", "false"], False), ([], True),
+                                       (["--gradient_checkpointing", "false", "--activation_checkpointing", "true"], True)])
+def test_checkpointing_flags(flags, on, tmp_path, recwarn):
+    """transformers' old name (what PEFT and TRL recipes pass) and --no_ work although our default sets the new one;
+    the new name wins where both are given (transformers' rule)."""
+    t = parse([*flags, "--output_dir", str(tmp_path / "o")])[3]
+    assert t.activation_checkpointing is on and t.gradient_checkpointing is on
+    assert not [w for w in recwarn if "gradient_checkpointing" in str(w.message)]  # an alias here, not deprecated
 
 
 def test_bad_inputs_stop_before_the_model_loads(tiny_llm, tmp_path, cache, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from . import bare_booleans, one_line_errors, run as run_cli, tidy_negations
 
@@ -20,7 +21,45 @@ def build_parser():
     parser.set_defaults(**training_defaults())
     # TrainingArguments requires output_dir; keep the conventional --output_dir while giving a readable default.
     parser.set_defaults(output_dir="qmilora-output")
+    # HfArgumentParser adds --no_<flag> only where the dataclass defaults to true; these are true by our defaults
+    from transformers.hf_argparser import string_to_bool
+
+    for name, value in training_defaults().items():
+        action = parser._option_string_actions.get(f"--{name}")
+        if value is True and action is not None and action.type is string_to_bool \
+                and f"--no_{name}" not in parser._option_string_actions:
+            parser.add_argument(f"--no_{name}", action="store_false", dest=name)
     return bare_booleans(tidy_negations(parser)), len(groups)
+
+
+# transformers' deprecated names, used when the new one is not given (TrainingArguments' rule); our default for the
+# new name would otherwise always win over them
+_OLD_NAMES = {"gradient_checkpointing": "activation_checkpointing",
+              "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+
+
+def yaml_keys(parser, values: dict, path: str) -> dict:
+    """A recipe's keys as the parser's destinations: every flag name and alias (`lora_r`, `max_length`,
+    `model_name_or_path`) without its dashes; a --no_ negation is no key (`no_x: true` would read as x true)."""
+    import argparse
+
+    from ..config import QMiLoRAError
+
+    names = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._StoreFalseAction):
+            continue
+        for option in action.option_strings:
+            names.setdefault(option.lstrip("-"), action.dest)
+    unknown = sorted(k for k in values if k not in names)
+    if unknown:
+        raise QMiLoRAError(f"--config {path}: unknown keys {', '.join(map(str, unknown))}")
+    out, seen = {}, {}
+    for key, value in values.items():
+        if names[key] in seen:
+            raise QMiLoRAError(f"--config {path}: {seen[names[key]]} and {key} name the same setting; keep one")
+        out[names[key]], seen[names[key]] = value, key
+    return out
 
 
 def parse(argv: list[str]):
@@ -40,13 +79,15 @@ def parse(argv: list[str]):
             raise QMiLoRAError(f"--config {pre.config}: {err}") from None
         if not isinstance(values, dict):
             raise QMiLoRAError(f"--config {pre.config}: expected a mapping of flag names to values")
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise QMiLoRAError(f"--config {pre.config}: unknown keys {', '.join(unknown)}")
-        parser.set_defaults(**values)
+        parser.set_defaults(**yaml_keys(parser, values, pre.config))
+    given, _ = parser.parse_known_args(argv)
+    for old, new in _OLD_NAMES.items():
+        if getattr(given, old, None) is not None:
+            parser.set_defaults(**{new: None})
     # -> one instance per dataclass, a Namespace holding --config, and the strings no flag took
-    *parsed, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    with warnings.catch_warnings():  # the old names are aliases here, as the ecosystem's recipes use them
+        warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
+        *parsed, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if rest:
         raise QMiLoRAError(f"unrecognized arguments: {' '.join(rest)}")
     return parsed[:n_groups]
