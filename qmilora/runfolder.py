@@ -269,6 +269,8 @@ class RunFolder:
             raise QMiLoRAError(f"cannot resume from {checkpoint_dir}: it was trained on another model "
                                f"({meta['source'].get('path')}); pass that --model, or start a new run")
         was, now = {**meta["recipe"], **meta["resume_recipe"]}, _plain({**recipe, **resume_recipe})
+        if "qmilora.lora_dropout" not in was:  # recorded before the dropout joined the recipe: the run's own setting
+            was["qmilora.lora_dropout"] = (meta.get("qmilora") or {}).get("lora_dropout")
         changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
         longer = {k: [was[k], now[k]] for k in changed if k in _LONGER and _longer(k, was, now)}
         changed = [k for k in changed if k not in longer]

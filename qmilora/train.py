@@ -239,7 +239,7 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     if resume and dcfg.packing is None:  # automatic: a resume batches as the run it continues did (runs recorded
         recorded = ((folder.meta() or {}).get("resume_recipe") or {}).get("data.packing")  # before: packing false)
         dcfg.packing = recorded if isinstance(recorded, bool) else None
-    again = resume_recipe(run, dcfg, args, directory)
+    again = resume_recipe(qcfg, dcfg, args, directory)
     longer = {}
     if resume and main:
         longer = folder.check_resume(resume, checkpoint.identity(directory, files, cache.memo(qcfg.resolved_cache_dir)),
@@ -460,10 +460,12 @@ _RESUMABLE = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "l
               "gradient_checkpointing_kwargs", "torch_compile", "torch_compile_backend", "torch_compile_mode"}
 
 
-def resume_recipe(run: RunConfig, dcfg: DataConfig, args: TrainingArguments, directory: str) -> dict:
+def resume_recipe(qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingArguments, directory: str) -> dict:
     """What a resume must continue unchanged besides the preparation recipe: the training schedule and optimizer,
-    the data (its settings and the content of a data file), and the tokenizer (its files' content)."""
+    the adapters' dropout (trained with, though not part of the prepared tensors), the data (its settings and the
+    content of a data file), and the tokenizer (its files' content)."""
     training = {f"training.{k}": v for k, v in args.to_dict().items() if k not in _RESUMABLE}
+    training["qmilora.lora_dropout"] = qcfg.lora_dropout
     data = {f"data.{k}": v for k, v in asdict(dcfg).items()}
     template = os.path.expanduser(dcfg.chat_template or "")
     if os.path.isfile(template):

@@ -280,8 +280,8 @@ def test_an_identity_refuses_a_checkpoint_that_changed_while_it_was_used(tiny_ck
 
 @pytest.mark.parametrize("change", [["--learning_rate", "1e-3"], ["--seed", "1"], ["--max_steps", "1"],
                                     ["--data", "DATA"], ["--lr_scheduler_type", "linear"], ["tokenizer"],
-                                    ["--packing", "false"]],
-                         ids=["lr", "seed", "fewer-steps", "data", "scheduler", "tokenizer", "packing"])
+                                    ["--packing", "false"], ["--lora_dropout", "0.3"]],
+                         ids=["lr", "seed", "fewer-steps", "data", "scheduler", "tokenizer", "packing", "dropout"])
 def test_a_resume_refuses_any_change_of_recipe(trained, tiny_llm, tmp_path, capsys, change):
     run, cache = copy_run(trained, tmp_path)
     model = tiny_llm
@@ -311,6 +311,16 @@ def test_a_resume_may_train_longer_and_records_it(trained, tiny_llm, tmp_path):
     meta = json.load(open(run / "qmilora.json"))
     assert meta["summary"]["steps"] == 3
     assert meta["history"][-1]["longer"] == {"training.max_steps": [2, 3]}
+
+
+def test_a_run_recorded_before_dropout_joined_the_recipe_resumes_with_its_own(trained, tiny_llm, tmp_path, capsys):
+    run, cache = copy_run(trained, tmp_path)
+    meta = json.load(open(run / "qmilora.json"))
+    del meta["resume_recipe"]["qmilora.lora_dropout"]
+    (run / "qmilora.json").write_text(json.dumps(meta))
+    assert train_main(argv(tiny_llm, run, cache, "--resume_from_checkpoint", "true", "--lora_dropout", "0.3")) == 1
+    assert "lora_dropout" in one_line_error(capsys)
+    assert train_main(argv(tiny_llm, run, cache, "--resume_from_checkpoint", "true", "--max_steps", "3")) == 0
 
 
 def test_a_resume_without_packing_flags_batches_as_the_run_did(trained, tiny_llm, tmp_path):
