@@ -30,11 +30,11 @@ def calibration(built: tuple | None, rows: int) -> fidelity.Rows:
     return fidelity.take(built, rows, split="train")
 
 
-def factors(run_dir: str, model: str | None, rank: int, data: fidelity.Rows,
-            trained) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def factors(run_dir: str, model: str | None, rank: int, data: fidelity.Rows, trained,
+            cache_dir: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (left (out, k), right (k, in))}, float64 on the host, left @ right = L_k for every adapted layer of
     `trained` (the run's `load_trained` model, which the caller loaded once for all it needs of it), calibrated on
-    `data` (`calibration`)."""
+    `data` (`calibration`); `cache_dir` as the caller's (default: the current default cache)."""
     from safetensors.torch import load_file
 
     from . import experts, interop
@@ -67,7 +67,7 @@ def factors(run_dir: str, model: str | None, rank: int, data: fidelity.Rows,
         pad = rank - left.shape[1]  # a layer narrower than k: all of E, padded so every layer has rank k (PEFT)
         out[layer] = (torch.nn.functional.pad(left, (0, pad)), torch.nn.functional.pad(right, (0, 0, 0, pad)))
 
-    meta_cfg = config_of_run(meta)
+    meta_cfg = config_of_run(meta, cache_dir=cache_dir)
     visit_target_weights(verified_source(meta, model, meta_cfg.resolved_cache_dir), meta_cfg, visit)
     if set(out) != set(loras):
         raise QMiLoRAError(f"the checkpoint did not deliver the weight of {sorted(set(loras) - set(out))[:1]}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import shutil
 import sys
@@ -40,22 +41,45 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 _TOKENIZER_FILES = checkpoint.TOKENIZER_FILES + ("generation_config.json",)
 
 
-def _source(adapter_dir: str, model: str | None) -> tuple[dict, str]:
-    """A finished run's record and its original checkpoint, verified by content."""
+def _source(adapter_dir: str, model: str | None, cache_dir: str | None,
+            correction_rank: int = 0) -> tuple[dict, str]:
+    """A finished run's record and its original checkpoint, verified by content (`correction_rank` checked first)."""
+    from .inference import read_run
     from .train import config_of_run, verified_source
 
-    meta = RunFolder(adapter_dir).read_complete()
-    directory = verified_source(meta, model, config_of_run(meta).resolved_cache_dir)
+    meta = read_run(adapter_dir)
+    _check_correction_rank(correction_rank, adapter_dir)
+    recorded = meta["source"]["path"]
+    if model is None and not os.path.exists(recorded):
+        raise QMiLoRAError(f"the run's original checkpoint {recorded} does not exist (moved or removed); pass "
+                           "--model PATH with where it is now")
+    directory = verified_source(meta, model, config_of_run(meta, cache_dir=cache_dir).resolved_cache_dir)
     return meta, directory
 
 
-def _check_output(output: str, overwrite: bool, adapter_dir: str, model: str | None) -> None:
+def _check_correction_rank(rank: int, adapter_dir: str) -> None:
+    """A correction rank beyond the widest adapted layer's min(out, in) would only pad the LoRA with zeros (each
+    layer's rounding error has no more directions): refused with the largest useful value, before any slow work."""
+    if not rank:
+        return
+    with safe_open(os.path.join(RunFolder(adapter_dir).residual_adapter(), ADAPTER_FILE), framework="pt") as f:
+        shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+    widest = max((min(shapes[name.replace(".lora_A.", ".lora_B.")][0], shape[-1]) for name, shape in shapes.items()
+                  if ".lora_A." in name), default=0)
+    if rank > widest:
+        raise QMiLoRAError(f"--correction_rank {rank} is more than the adapted layers can hold: at {widest} (the "
+                           "largest min(out, in) of an adapted layer) it already carries every layer's whole 4-bit "
+                           f"rounding error; pass --correction_rank {widest} or less")
+
+
+def _check_output(output: str, overwrite: bool, adapter_dir: str, model: str | None, cache_dir: str | None) -> None:
     """Before any work: the output may replace only an earlier export (with --overwrite), and may not be, contain or
     lie inside the run, the original checkpoint or the cache."""
     from .config import default_cache_dir
 
     files.check_disjoint(output, {"the run directory": adapter_dir, "the original checkpoint": model,
-                                  "the qmilora cache": default_cache_dir()})
+                                  "the qmilora cache": os.path.expanduser(cache_dir) if cache_dir
+                                  else default_cache_dir()})
     checkpoint.fresh_output(output, overwrite)
 
 
@@ -113,19 +137,21 @@ def write_adapter(directory: str, state: dict[str, torch.Tensor], config: dict) 
 
 
 def to_original_lora(adapter_dir: str, output: str, model: str | None = None, overwrite: bool = False,
-                     measure_rows: int = 8, correction_rank: int = 0,
-                     calibration_rows: int = 32) -> tuple[str, dict | None]:
+                     measure_rows: int = 8, correction_rank: int = 0, calibration_rows: int = 32,
+                     cache_dir: str | None = None) -> tuple[str, dict | None]:
     """The rank-2r LoRA for the original base; with `correction_rank` k, rank 2r + k holding also the activation-
-    aware rank-k approximation of the residual's NF4 error (`correction`), calibrated on training rows."""
-    _check_output(output, overwrite, adapter_dir, model)
-    meta, directory = _source(adapter_dir, model)
-    _check_output(output, overwrite, adapter_dir, directory)
+    aware rank-k approximation of the residual's NF4 error (`correction`), calibrated on training rows. `cache_dir`:
+    where the prepared base is cached (default: the current default cache)."""
+    _check_output(output, overwrite, adapter_dir, model, cache_dir)
+    meta, directory = _source(adapter_dir, model, cache_dir, correction_rank)
+    _check_output(output, overwrite, adapter_dir, directory, cache_dir)
     if correction_rank and not meta["qmilora"].get("quantize", True):
         raise QMiLoRAError("--correction_rank corrects the 4-bit rounding of the residual, and this run kept it in "
                            "full precision (quantize false): there is nothing to correct; pass --correction_rank 0")
     state, config = original_lora(RunFolder(adapter_dir).residual_adapter(), os.path.join(adapter_dir, INITIAL),
                                   base_name(meta, directory))
-    answers, found = _from_trained(adapter_dir, meta, model, measure_rows, correction_rank, calibration_rows)
+    answers, found = _from_trained(adapter_dir, meta, model, cache_dir, measure_rows, correction_rank,
+                                   calibration_rows)
     if correction_rank:
         from . import correction
 
@@ -175,12 +201,13 @@ class _Answers:
     tops: list[torch.Tensor]
 
 
-def _from_trained(adapter_dir: str, meta: dict, model: str | None, measure_rows: int, correction_rank: int = 0,
-                  calibration_rows: int = 0, convert=None) -> tuple[_Answers | None, object]:
+def _from_trained(adapter_dir: str, meta: dict, model: str | None, cache_dir: str | None, measure_rows: int,
+                  correction_rank: int = 0, calibration_rows: int = 0, convert=None) -> tuple[_Answers | None, object]:
     """Everything an export needs from the trained model, from one load of it and one build of the run's data:
     its answers on `measure_rows` rows of that data (None when 0 or the data is gone), the `correction_rank`
     factors on `calibration_rows` training rows ({} when 0), or instead `convert(trained)`'s result. The trained
-    model is released before this returns, so that the artifact is written and loaded with no second model held."""
+    model is released before this returns, so that the artifact is written and loaded with no second model held.
+    A trained model whose outputs are not finite (a diverged run) is refused before anything is computed from it."""
     from transformers import AutoTokenizer
 
     from .train import load_trained
@@ -198,12 +225,13 @@ def _from_trained(adapter_dir: str, meta: dict, model: str | None, measure_rows:
     del built
     if rows is None and not correction_rank and convert is None:
         return None, {}
-    trained = load_trained(adapter_dir, model=model, lora_dropout=0.0)
+    trained = load_trained(adapter_dir, model=model, lora_dropout=0.0, cache_dir=cache_dir)
+    fidelity.require_finite(trained)
     # the model as loaded first (calibration in its own mode), then put in eval mode by the measurement
     if convert is not None:
         result = convert(trained)
     elif correction_rank:
-        result = correction.factors(adapter_dir, model, correction_rank, calibration, trained)
+        result = correction.factors(adapter_dir, model, correction_rank, calibration, trained, cache_dir)
     else:
         result = {}
     if rows is not None:
@@ -221,6 +249,10 @@ def _report(kind: str, answers: _Answers | None, load_artifact) -> dict | None:
     result = fidelity.score(kind, artifact, answers.rows, answers.tokenizer, answers.tops)
     del artifact
     gc.collect()
+    if not math.isfinite(result.loss):  # the trained model's was finite (`fidelity.reference`)
+        raise QMiLoRAError(f"the {kind} export gives non-finite outputs (NaN/Inf) on {answers.rows.where}, where the "
+                           "trained model does not; nothing was written"
+                           + ("; try --dtype float32" if kind == "merged" else ""))
     print(f"qmilora-export: trained model: loss {answers.loss:.4f} on {answers.rows.tokens} supervised tokens of "
           f"{answers.rows.where}", file=sys.stderr)
     print(f"qmilora-export: {result.line(answers.loss)}", file=sys.stderr)
@@ -228,19 +260,19 @@ def _report(kind: str, answers: _Answers | None, load_artifact) -> dict | None:
 
 
 def to_merged(adapter_dir: str, output: str, model: str | None = None, overwrite: bool = False,
-              dtype: str = "bfloat16", measure_rows: int = 8) -> tuple[str, dict | None]:
+              dtype: str = "bfloat16", measure_rows: int = 8, cache_dir: str | None = None) -> tuple[str, dict | None]:
     """The trained model as a plain checkpoint: dequantized NF4 residual + s·B A, cast once to `dtype`. The trained
     model is released once converted (its answers on the measuring rows kept), before the written checkpoint loads
     to be measured."""
-    _check_output(output, overwrite, adapter_dir, model)
-    meta, directory = _source(adapter_dir, model)
-    _check_output(output, overwrite, adapter_dir, directory)
+    _check_output(output, overwrite, adapter_dir, model, cache_dir)
+    meta, directory = _source(adapter_dir, model, cache_dir)
+    _check_output(output, overwrite, adapter_dir, directory, cache_dir)
     if dtype not in DTYPES:
         raise QMiLoRAError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     shards = checkpoint.shard_files(directory)
     checkpoint.check_free_space(os.path.dirname(os.path.abspath(output)), sum(map(os.path.getsize, shards)),
                                 "the merged model")
-    answers, plain = _from_trained(adapter_dir, meta, model, measure_rows,
+    answers, plain = _from_trained(adapter_dir, meta, model, cache_dir, measure_rows,
                                    convert=lambda trained: as_trained(trained, DTYPES[dtype]))
     with _output(output, overwrite) as tmp:
         plain.save_pretrained(tmp)
@@ -301,13 +333,13 @@ def as_trained(peft_model, dtype: torch.dtype):
 
 
 def to_original_merged(adapter_dir: str, output: str, model: str | None = None, overwrite: bool = False,
-                       measure_rows: int = 8, correction_rank: int = 0,
-                       calibration_rows: int = 32) -> tuple[str, dict | None]:
+                       measure_rows: int = 8, correction_rank: int = 0, calibration_rows: int = 32,
+                       cache_dir: str | None = None) -> tuple[str, dict | None]:
     """W + s·(B A − B₀ A₀) on the original weights, each tensor in its stored dtype (+ L_k with `correction_rank`,
     as in `to_original_lora`)."""
-    _check_output(output, overwrite, adapter_dir, model)
-    meta, directory = _source(adapter_dir, model)
-    _check_output(output, overwrite, adapter_dir, directory)
+    _check_output(output, overwrite, adapter_dir, model, cache_dir)
+    meta, directory = _source(adapter_dir, model, cache_dir, correction_rank)
+    _check_output(output, overwrite, adapter_dir, directory, cache_dir)
     residual = RunFolder(adapter_dir).residual_adapter()
     with open(os.path.join(residual, ADAPTER_CONFIG)) as f:
         scaling = (cfg := json.load(f))["lora_alpha"] / cfg["r"]
@@ -320,7 +352,8 @@ def to_original_merged(adapter_dir: str, output: str, model: str | None = None, 
         if correction_rank:  # refused before the slow work, as `correction.factors` refuses expert stacks
             raise QMiLoRAError("--correction_rank does not handle MoE expert stacks yet; pass --correction_rank 0")
         return _merged_through_loader(directory, adapter_dir, cfg, delta, scaling, output, overwrite), None
-    answers, corrections = _from_trained(adapter_dir, meta, model, measure_rows, correction_rank, calibration_rows)
+    answers, corrections = _from_trained(adapter_dir, meta, model, cache_dir, measure_rows, correction_rank,
+                                         calibration_rows)
     stored_transposed, prefix = _layout(directory)
     with _output(output, overwrite) as tmp:
         for path in shards:  # one shard in memory at a time

@@ -6,6 +6,7 @@ The trained model is `load_trained`'s: the NF4 residual plus s·B·A, as it ran 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -14,6 +15,21 @@ from .config import QMiLoRAError
 
 log = logging.getLogger("qmilora")
 IGNORE = -100
+
+
+def diverged(where: str = "") -> QMiLoRAError:
+    """The refusal of a trained model whose outputs are NaN or infinite (its weights may still be finite)."""
+    return QMiLoRAError(f"the trained model gives non-finite outputs (NaN/Inf){where}: its training diverged; train "
+                        "again with a lower --learning_rate")
+
+
+def require_finite(model) -> None:
+    """One forward of `model` on a few token ids, refused (`diverged`) unless every logit is finite: a diverged
+    run's model gives NaN on any input, and nothing it produces (a loss, an answer, an export) means anything."""
+    ids = torch.arange(8).remainder(model.get_input_embeddings().num_embeddings)[None]
+    with torch.no_grad():
+        if not torch.isfinite(model(input_ids=ids.to(next(model.parameters()).device)).logits).all():
+            raise diverged()
 
 
 @dataclass
@@ -110,11 +126,14 @@ def mean_loss(model, rows, tokenizer, batch_size: int = 4, desc: str | None = No
 
 
 def reference(model, rows: Rows, tokenizer) -> tuple[float, list[torch.Tensor]]:
-    """The trained model's mean loss on `rows` and its top-1 tokens there (per batch)."""
+    """The trained model's mean loss on `rows` and its top-1 tokens there (per batch); refused (`diverged`) where
+    that loss is not finite: no agreement with a NaN model means anything."""
     total, tops = 0.0, []
     for logits, targets in _batches(model, rows.rows, tokenizer):
         total += _loss_sum(logits, targets)
         tops.append(logits.argmax(-1).cpu())
+    if not math.isfinite(total):
+        raise diverged(f" on {rows.where}")
     return total / max(rows.tokens, 1), tops
 
 

@@ -13,6 +13,7 @@ available, or for MoE expert stacks (`as_trained` does not merge them yet), the 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -33,16 +34,36 @@ class StreamTo(TextStreamer):
         self.stream.flush()
 
 
-def load(run_dir: str, merge_on_cpu: bool = True):
-    """(model in eval mode, how it runs: a phrase for the log) for the run in `run_dir`; applies the CPU thread
-    policy (`cpu.choose`) for the inference that follows."""
+def read_run(path: str) -> dict:
+    """The record of the finished run in the folder `path` (`RunFolder.read_complete`); a file is named as one."""
+    from .config import QMiLoRAError
+    from .runfolder import RunFolder
+
+    if os.path.isfile(path):
+        raise QMiLoRAError(f"--adapter {path} is a file, not a run folder: pass the folder qmilora-train wrote (the "
+                           "one holding qmilora.json)")
+    return RunFolder(path).read_complete()
+
+
+def load(run_dir: str, merge_on_cpu: bool = True, cache_dir: str | None = None):
+    """(model in eval mode, how it runs: a phrase for the log) for the run in `run_dir`, its prepared base from
+    `cache_dir` (default: the current default cache); applies the CPU thread policy (`cpu.choose`) for the
+    inference that follows. A model whose outputs are not finite (a diverged run) is refused."""
+    from .fidelity import require_finite
+
+    model, how = _load(run_dir, merge_on_cpu, cache_dir)
+    require_finite(model)
+    return model, how
+
+
+def _load(run_dir: str, merge_on_cpu: bool, cache_dir: str | None):
     from . import cpu, quantize
     from .config import QMiLoRAError
     from .export import as_trained
     from .train import load_trained
 
     t0 = time.perf_counter()
-    model = load_trained(run_dir, lora_dropout=0.0).eval()
+    model = load_trained(run_dir, lora_dropout=0.0, cache_dir=cache_dir).eval()
     if model.device.type != "cpu":
         return model, f"4-bit layers on {model.device}"
     threads, why = cpu.choose(None)

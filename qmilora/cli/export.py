@@ -30,6 +30,7 @@ class ExportArgs:
     correction_rank: int = field(default=0, metadata={"help": "original-lora / original-merged: also carry a rank-k approximation of the residual's 4-bit rounding error, weighted by the run's training inputs (a rank-2r+k LoRA, closer to the trained model; docs/export.md). 0: none."})
     calibration_rows: int = field(default=32, metadata={"help": "--correction_rank: training rows whose layer inputs weight the approximation."})
     measure_rows: int = field(default=8, metadata={"help": "Rows of the run's eval split (else of its training data) on which to measure the export against the trained model; 0 skips."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where prepared models are cached. Default: $QMILORA_CACHE or ~/.cache/qmilora."})
 
     def __post_init__(self) -> None:
         if self.to in RENAMED:
@@ -57,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         (args,) = parse_flags("qmilora-export", (ExportArgs,), sys.argv[1:] if argv is None else argv, __doc__)
         if args.to == "merged":
             path, _ = export.to_merged(args.adapter, args.output, args.model, args.overwrite, args.dtype or "bfloat16",
-                                       args.measure_rows)
+                                       args.measure_rows, args.cache_dir)
         else:
             fn = export.to_original_lora if args.to == "original-lora" else export.to_original_merged
             path, _ = fn(args.adapter, args.output, args.model, args.overwrite, args.measure_rows,
-                         args.correction_rank, args.calibration_rows)
+                         args.correction_rank, args.calibration_rows, args.cache_dir)
         print(f"qmilora-export: wrote {path} ({args.to})")
 
     return run("qmilora-export", body)

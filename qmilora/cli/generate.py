@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -17,6 +18,14 @@ class GenerateArgs:
     max_new_tokens: int = field(default=128, metadata={"help": "Tokens to generate."})
     temperature: float = field(default=0.0, metadata={"help": "0 for greedy decoding."})
     merge_on_cpu: bool = field(default=True, metadata={"help": "On a CPU, run the trained model as float32 weights merged once at load (dequantized 4-bit residual + adapter: the same model to float32 rounding, about 20x faster per token there) when they fit in memory; false keeps the 4-bit layers."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where prepared models are cached. Default: $QMILORA_CACHE or ~/.cache/qmilora."})
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        # a negative or NaN temperature would silently mean greedy decoding, an infinite one uniform noise
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"--temperature must be 0 (greedy) or positive and finite, got {self.temperature}")
 
 
 def generate(args: GenerateArgs, stream=None) -> str:
@@ -25,14 +34,10 @@ def generate(args: GenerateArgs, stream=None) -> str:
     from transformers import AutoTokenizer
 
     from .. import inference
-    from ..config import QMiLoRAError
-    from ..runfolder import RunFolder
 
-    if not args.temperature >= 0:  # a negative or NaN temperature would silently mean greedy decoding
-        raise QMiLoRAError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
-    RunFolder(args.adapter).read_complete()  # a clear error before any loading
+    inference.read_run(args.adapter)  # a clear error before any loading
     tokenizer = AutoTokenizer.from_pretrained(args.adapter)
-    model, how = inference.load(args.adapter, args.merge_on_cpu)
+    model, how = inference.load(args.adapter, args.merge_on_cpu, args.cache_dir)
     log.info("qmilora-generate: %s", how)
     if tokenizer.chat_template:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,

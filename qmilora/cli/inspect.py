@@ -35,9 +35,12 @@ def inspect_checkpoint(args: InspectArgs, qcfg: QMiLoRAConfig) -> dict:
         rows.append({"layer": layer, **inspect_weight(weight, qcfg.rank)})
         progress[0].update()
 
-    visit_target_weights(directory, qcfg, visit,
-                         on_start=lambda n: progress.append(tqdm(total=n, desc="qmilora-inspect", unit="weight")))
-    progress[0].close()
+    try:
+        visit_target_weights(directory, qcfg, visit,
+                             on_start=lambda n: progress.append(tqdm(total=n, desc="qmilora-inspect", unit="weight")))
+    finally:  # also on an error, so that the error line is the last thing printed
+        for bar in progress:
+            bar.close()
     if not rows:
         raise QMiLoRAError(f"{directory} holds none of the target weights")
     mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
