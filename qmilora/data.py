@@ -5,7 +5,8 @@ Formats, detected from the columns (or forced with `data_format`):
     chat               messages: [{role, content}, ...]   (rendered with the chat template)
     prompt_completion  prompt, completion
     text               text                              (every token is trained on)
-Every problem is a `QMiLoRAError` naming the file, found before any model is loaded.
+Every problem is a `QMiLoRAError` naming the file, found before any model is loaded. Values are read as the file
+writes them: a number in a text field is its text, the same with or without a chat template (docs/data.md).
 
 Rendering adds no text the user did not write unless asked (`chat_template`, `system_prompt`): the model's own chat
 template is used, but a template that inserts a default system prompt into conversations without one (SmolLM2's
@@ -81,7 +82,8 @@ def check_file(cfg: DataConfig) -> None:
 
 
 def load_rows(cfg: DataConfig):
-    """The raw `datasets.Dataset` for `cfg.data` (the bundled set when None)."""
+    """The raw rows of `cfg.data` (the bundled set when None): a list of dicts for JSON and CSV files, read as
+    written, else a `datasets.Dataset`."""
     import datasets
 
     source = cfg.data or BUNDLED
@@ -90,13 +92,18 @@ def load_rows(cfg: DataConfig):
         check_file(cfg)
         if _BUILDERS[ext] in ("json", "csv", "text"):
             _check_utf8(source)
-        try:
-            # datasets reuses its converted copy of a file by path, size and mtime: a file rewritten in place within
-            # the same second, or with its mtime kept, would train on the old rows
-            rows = datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train",
-                                         download_mode="force_redownload")
-        except Exception as err:
-            raise QMiLoRAError(f"data file {source} could not be read as {ext[1:]}: {_first_line(err)}") from None
+        if ext in (".json", ".jsonl", ".csv"):
+            # read here, not by datasets: it guesses each column's type (a CSV column of numbers becomes ints, or
+            # floats where a cell is empty; a JSON field holding "2" and 42 becomes one type) and the text changes
+            rows = _read_csv(source) if ext == ".csv" else _read_json(source, ext)
+        else:
+            try:
+                # datasets reuses its converted copy of a file by path, size and mtime: a file rewritten in place
+                # within the same second, or with its mtime kept, would train on the old rows
+                rows = datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train",
+                                             download_mode="force_redownload")
+            except Exception as err:
+                raise QMiLoRAError(f"data file {source} could not be read as {ext[1:]}: {_first_line(err)}") from None
     else:
         try:
             rows = datasets.load_dataset(source, split=cfg.data_split)
@@ -104,6 +111,69 @@ def load_rows(cfg: DataConfig):
             raise QMiLoRAError(f"data {source!r} is neither a file nor a loadable dataset: {_first_line(err)}") from None
     if len(rows) == 0:
         raise QMiLoRAError(f"data {source} has no rows")
+    return rows
+
+
+class _Number(float):
+    """A JSON number with a fraction or exponent that keeps its text as written ("2.50", "1e5")."""
+
+    def __new__(cls, text: str):
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+
+def _read_json(path: str, ext: str) -> list[dict]:
+    """JSON Lines, a JSON array of objects (or of strings: text rows) or one object; blank lines are skipped."""
+    fail = lambda where, err: QMiLoRAError(  # noqa: E731
+        f"data file {path} could not be read as {ext[1:]}: {where}{err.msg} (column {err.colno})")
+    load = lambda text: json.loads(text, parse_float=_Number, strict=False)  # noqa: E731 (tabs in strings pass)
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            rows = [{"text": r} if isinstance(r, str) else r for r in load(text)]
+        except ValueError as err:
+            raise fail(f"line {err.lineno}: ", err) from None
+    else:
+        rows = []
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+            if not line.strip():
+                continue
+            try:
+                rows.append(load(line))
+            except ValueError as err:
+                try:
+                    rows = [load(text)]  # one object written over several lines
+                except ValueError:
+                    raise fail(f"line {n}: ", err) from None
+                break
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise QMiLoRAError(f"data file {path}, row {n}: a JSON {type(row).__name__}, not an object of fields")
+    return rows
+
+
+def _read_csv(path: str) -> list[dict]:
+    """Every cell as the text it holds ("007", "2", "" stay so); blank lines are skipped."""
+    import csv
+
+    csv.field_size_limit(2**31 - 1)  # the default refuses cells over 128 KiB: long-context rows
+    rows = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, [])
+            if len(set(header)) < len(header):
+                raise QMiLoRAError(f"data file {path}: the header names a column twice ({', '.join(header)})")
+            for cells in reader:
+                if len(cells) > len(header):
+                    raise QMiLoRAError(f"data file {path}, line {reader.line_num}: {len(cells)} cells where the header "
+                                       f"has {len(header)}; quote cells that hold commas")
+                if cells:
+                    rows.append(dict(zip(header, cells)))
+        except csv.Error as err:
+            raise QMiLoRAError(f"data file {path} could not be read as csv: line {reader.line_num}: {err}") from None
     return rows
 
 
@@ -133,12 +203,19 @@ def _check_utf8(path: str) -> None:
         raise QMiLoRAError(f"data file {path}: not UTF-8 text (it ends inside a character); save it as UTF-8") from None
 
 
+_NEEDED = {"chat": ["messages"], "alpaca": ["instruction", "output"], "prompt_completion": ["prompt", "completion"],
+           "text": ["text"]}
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _format_of(fields) -> str | None:
+    return next((fmt for fmt, needed in _NEEDED.items() if set(needed) <= set(fields)), None)
+
+
 def detect_format(columns: list[str], source: str) -> str:
     cols = set(columns)
-    for fmt, needed in (("chat", {"messages"}), ("alpaca", {"instruction", "output"}),
-                        ("prompt_completion", {"prompt", "completion"}), ("text", {"text"})):
-        if needed <= cols:
-            return fmt
+    if fmt := _format_of(cols):
+        return fmt
     # a row that has half of a format lacks the other half: name what is missing, not what is extra
     for needed in ({"instruction", "output"}, {"prompt", "completion"}):
         if cols & needed:
@@ -150,14 +227,17 @@ def detect_format(columns: list[str], source: str) -> str:
 
 def build_dataset(cfg: DataConfig, tokenizer):
     """Tokenized {input_ids, attention_mask, labels} rows, plus an eval split when `val_size` > 0."""
+    import jinja2
+
     source = cfg.data or BUNDLED
     rows = load_rows(cfg)
-    fmt = detect_format(rows.column_names, source) if cfg.data_format == "auto" else cfg.data_format
-    needed = {"chat": ["messages"], "alpaca": ["instruction", "output"], "prompt_completion": ["prompt", "completion"],
-              "text": ["text"]}[fmt]
-    missing = [c for c in needed if c not in rows.column_names]
+    columns = rows.column_names if hasattr(rows, "column_names") else list(dict.fromkeys(k for r in rows for k in r))
+    # a file mixing formats has the first row's: the error then names the first row of another format
+    fmt = cfg.data_format if cfg.data_format != "auto" else (_format_of(_filled(rows[0]))
+                                                             or detect_format(columns, source))
+    missing = [c for c in _NEEDED[fmt] if c not in columns]
     if missing:
-        raise QMiLoRAError(f"data {source}: format {fmt} needs field(s) {', '.join(missing)}, found {rows.column_names}")
+        raise QMiLoRAError(f"data {source}: format {fmt} needs field(s) {', '.join(missing)}, found {columns}")
     apply_template(tokenizer, cfg)
     if fmt == "chat" and not tokenizer.chat_template:
         raise QMiLoRAError(f"data {source} is in chat format but there is no chat template (the tokenizer has none, "
@@ -165,9 +245,15 @@ def build_dataset(cfg: DataConfig, tokenizer):
     examples = []
     for i, row in enumerate(rows):
         try:
+            own = _format_of(_filled(row))
+            if own not in (None, fmt) and not set(_NEEDED[fmt]) <= set(_filled(row)):
+                raise ValueError(f"a {own} row ({', '.join(_NEEDED[own])}) where the rows are {fmt} "
+                                 f"({', '.join(_NEEDED[fmt])}); a data file holds one format")
             examples.append(encode(row, fmt, tokenizer, cfg))
         except (ValueError, TypeError, AttributeError, KeyError) as err:  # a malformed row, whatever broke on it
             raise QMiLoRAError(f"data {source}, row {i + 1}: {err}") from None
+        except jinja2.TemplateError as err:  # the template's own raise_exception (roles must alternate, ...)
+            raise QMiLoRAError(f"data {source}, row {i + 1}: the chat template refuses it: {err}") from None
     kept = [e for e in examples if any(label != IGNORE for label in e["labels"])]
     if not kept:
         raise QMiLoRAError(f"data {source}: every example lost its response to truncation at max_seq_length="
@@ -186,6 +272,11 @@ def build_dataset(cfg: DataConfig, tokenizer):
     return split["train"], split["test"], fmt
 
 
+def _filled(row: dict) -> list[str]:
+    """The fields a row gives a value (a hub dataset's row holds every column, None where it has none)."""
+    return [k for k, v in row.items() if v is not None]
+
+
 def apply_template(tokenizer, cfg: DataConfig) -> None:
     """Set on `tokenizer` the chat template `cfg` asks for (see the module docstring). Applying it again to a
     tokenizer it was applied to changes nothing, so a run's saved tokenizer renders as in training."""
@@ -200,6 +291,10 @@ def apply_template(tokenizer, cfg: DataConfig) -> None:
                 tokenizer.chat_template = f.read()
         except (OSError, UnicodeDecodeError) as err:
             raise QMiLoRAError(f"--chat_template {path}: cannot read it ({err})") from None
+        if not tokenizer.chat_template.strip():
+            raise QMiLoRAError(f"--chat_template {path} is empty; pass a Jinja chat template file, or "
+                               "--chat_template none to render without a template")
+        _check_syntax(tokenizer, path)
     if not tokenizer.chat_template:
         if cfg.system_prompt is not None:
             raise QMiLoRAError("--system_prompt needs a chat template; this run renders without one")
@@ -220,6 +315,19 @@ def apply_template(tokenizer, cfg: DataConfig) -> None:
             raise QMiLoRAError(f"the chat template does not take a system prompt: {_first_line(err)}") from None
         if cfg.system_prompt and cfg.system_prompt not in rendered:
             raise QMiLoRAError("the chat template drops the system prompt (--system_prompt has no effect with it)")
+
+
+def _check_syntax(tokenizer, path: str) -> None:
+    """A template file that is not valid Jinja fails here, named, not at the first row."""
+    import jinja2
+
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL_USER}], tokenize=False)
+    except jinja2.TemplateSyntaxError as err:
+        raise QMiLoRAError(f"--chat_template {path}: not a valid Jinja template: {(err.message or '').rstrip('.')} "
+                           f"(line {err.lineno}); fix the template") from None
+    except Exception:  # a template may refuse this one-message conversation; the rows say so if they are refused
+        pass
 
 
 def injected_system_prompt(tokenizer) -> str | None:
@@ -264,27 +372,29 @@ def show_example(row: dict, tokenizer, most: int = 1024) -> str:
 def encode(row: dict, fmt: str, tokenizer, cfg: DataConfig) -> dict:
     """One row → token ids with labels (IGNORE on prompt tokens unless train_on_prompt), truncated."""
     if fmt == "text":
-        text = row["text"]
-        if not isinstance(text, str) or not text.strip():
+        text = _text(row["text"], "text")
+        if not text or not text.strip():
             raise ValueError("empty text")
         ids = tokenizer(text, add_special_tokens=True)["input_ids"] + _eos(tokenizer)
         return _finish(ids, list(ids), cfg)
     if fmt == "chat":
         return _encode_chat(row["messages"], tokenizer, cfg)
     if fmt == "alpaca":
-        prompt_user, response = _join(row.get("instruction"), row.get("input")), row.get("output")
+        instruction, extra = _text(row.get("instruction"), "instruction"), _text(row.get("input"), "input")
+        extra = extra if extra and extra.strip() else None
+        prompt_user = f"{instruction}\n\n{extra}" if instruction and extra else instruction
+        response = _text(row.get("output"), "output")
     else:
-        prompt_user, response = row.get("prompt"), row.get("completion")
-    if not isinstance(response, str) or not response.strip():
+        prompt_user, response = _text(row.get("prompt"), "prompt"), _text(row.get("completion"), "completion")
+    if not response or not response.strip():
         raise ValueError("no response (empty output/completion)")
-    if not isinstance(prompt_user, str) or not prompt_user.strip():
+    if not prompt_user or not prompt_user.strip():
         raise ValueError("empty instruction/prompt")
     if tokenizer.chat_template:
         return _encode_chat([{"role": "user", "content": prompt_user}, {"role": "assistant", "content": response}],
                             tokenizer, cfg)
     if fmt == "alpaca":
-        inp = f"### Input:\n{row['input']}\n\n" if row.get("input") else ""
-        prompt = _ALPACA_PROMPT.format(instruction=row["instruction"], input=inp)
+        prompt = _ALPACA_PROMPT.format(instruction=instruction, input=f"### Input:\n{extra}\n\n" if extra else "")
     else:
         prompt = prompt_user
     p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -293,20 +403,47 @@ def encode(row: dict, fmt: str, tokenizer, cfg: DataConfig) -> dict:
     return _finish(p + r, labels, cfg)
 
 
+def _text(value, name: str) -> str | None:
+    """A text field's value as text, alike on every rendering path: a number as written (42 → "42"; a JSON 2.50
+    → "2.50"), None or NaN (a missing cell of a typed table) as None. A boolean is refused: true, True or 1?"""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"{name} is the boolean {json.dumps(value)}; write the text to learn as a string")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return None if value != value else getattr(value, "text", repr(value))
+    raise ValueError(f"{name} must be text (a string or a number), got {type(value).__name__}")
+
+
 def _encode_chat(messages, tokenizer, cfg: DataConfig) -> dict:
     """Render with the chat template; label the assistant turns' tokens (located by prefix renders)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
-    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-               for m in messages):
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         raise ValueError("each message must be an object with string fields role and content")
-    if not any(m.get("role") == "assistant" and str(m.get("content") or "").strip() for m in messages):
+    messages = [{**m, "content": _text(m.get("content"), f"message {k + 1}'s content")} for k, m in enumerate(messages)]
+    for k, m in enumerate(messages):
+        if m["content"] is None:
+            raise ValueError("each message must be an object with string fields role and content")
+        if m["role"] not in ROLES:
+            # a template renders any role it is given (<|wizard|>): a misspelt role would train as written
+            raise ValueError(f"message {k + 1} has role {m['role']!r}; use {', '.join(ROLES[:-1])} or {ROLES[-1]}")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise ValueError("no response (no non-empty assistant message)")
     render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
     full = render(messages, False)
+    flat = "".join(full.split())  # whitespace aside: templates trim content, or put newlines around it
+    for k, m in enumerate(messages):  # tool results aside: templates may render them as JSON (quoted, escaped)
+        if m["role"] != "tool" and "".join(m["content"].split()) not in flat:
+            which = "of the model" if cfg.chat_template in TEMPLATES else cfg.chat_template
+            raise ValueError(f"the chat template {which} does not render the messages: the text of message {k + 1} "
+                             f"({m['role']}) is not in what it renders; use a template that renders every message's "
+                             "content")
     spans = []
     for k, m in enumerate(messages):
-        if m.get("role") != "assistant":
+        if m["role"] != "assistant":
             continue
         start, end = len(render(messages[:k], True)), len(render(messages[: k + 1], False))
         if not full.startswith(render(messages[: k + 1], False)):
@@ -322,12 +459,6 @@ def _encode_chat(messages, tokenizer, cfg: DataConfig) -> dict:
 def _finish(ids: list[int], labels: list[int], cfg: DataConfig) -> dict:
     ids, labels = ids[: cfg.max_seq_length], labels[: cfg.max_seq_length]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-
-def _join(instruction, extra) -> str | None:
-    if not isinstance(instruction, str):
-        return None
-    return f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
 
 
 def _eos(tokenizer) -> list[int]:

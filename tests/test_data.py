@@ -108,3 +108,95 @@ def test_everything_truncated_away(tmp_path):
 def test_bundled_data_is_the_default():
     train, _, fmt = build_dataset(DataConfig(), TOK)
     assert fmt == "alpaca" and len(train) == 300
+
+
+def ids_of(path, **kw):
+    train, _, _ = build_dataset(DataConfig(data=str(path), **kw), tiny_tokenizer())  # a template flag sets its own
+    return [row["input_ids"] for row in train]
+
+
+@pytest.mark.parametrize("template", ["model", "none"])
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_numbers_in_text_fields_are_their_text_on_every_path(tmp_path, fmt, template):
+    """A number in a text field is rendered as its text, with the model's template as without one (the template path
+    dropped a non-string input), and a CSV column of numbers with an empty cell is not read as floats ("7.0")."""
+    rows = [{"instruction": "What is 3 + 4?", "input": 7, "output": 7},
+            {"instruction": "What is 5 + 4?", "input": None, "output": 9}]
+    as_text = [{k: (None if v is None else str(v)) for k, v in r.items()} for r in rows]
+    if fmt == "csv":  # a CSV has no null: an empty cell
+        rows = [{k: ("" if v is None else v) for k, v in r.items()} for r in rows]
+    got = ids_of(write(tmp_path / f"n.{fmt}", rows, fmt), chat_template=template)
+    assert got == ids_of(write(tmp_path / "s.jsonl", as_text), chat_template=template)
+    assert TOK.decode(got[0]).split().count("7") == 2  # the input's and the output's
+
+
+def test_file_values_are_read_as_written(tmp_path):
+    # a CSV answer of digits is the answer, as written ("007" is not 7); a JSONL mixing string and number outputs
+    # keeps each (datasets made the column one type, turning "2" into 2, and blamed row 1)
+    csv_file = tmp_path / "t.csv"
+    csv_file.write_text("instruction,output\nWhat is 3 + 4 ?,7\nWhat is 3 + 4 ?,007\n")
+    as_jsonl = write(tmp_path / "t.jsonl", [{"instruction": "What is 3 + 4 ?", "output": o} for o in ("7", "007")])
+    got = ids_of(csv_file)
+    assert got == ids_of(as_jsonl) and got[0] != got[1]
+    mixed = write(tmp_path / "m.jsonl", [{"instruction": "What is 3 + 4 ?", "output": "7"},
+                                         {"instruction": "What is 3 + 4 ?", "output": 7}])
+    train, _, _ = build_dataset(DataConfig(data=mixed), TOK)
+    assert [response_text(r).split() for r in train] == [["7", "</s>"]] * 2
+    pretty = tmp_path / "p.json"  # a JSON number's spelling is kept too: 3.50, not 3.5
+    pretty.write_text('{"instruction": "What is 3 + 4 ?",\n "output": 3.50}\n')
+    spelt = [write(tmp_path / f"{o}.jsonl", [{"instruction": "What is 3 + 4 ?", "output": o}]) for o in ("3.50", "3.5")]
+    assert ids_of(pretty) == ids_of(spelt[0]) != ids_of(spelt[1])
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"instruction": "a", "output": True}, "row 2: output is the boolean true"),
+    ({"instruction": "a", "input": ["x"], "output": "b"}, "row 2: input must be text"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+     r"row 2: a chat row \(messages\) where the rows are alpaca .*one format"),
+])
+def test_rows_that_cannot_be_text_or_of_another_format_are_named(tmp_path, row, match):
+    path = write(tmp_path / "d.jsonl", [ALPACA[0], row])
+    with pytest.raises(QMiLoRAError, match=match) as err:
+        build_dataset(DataConfig(data=path), TOK)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_chat_roles_are_refused(tmp_path):
+    turns = [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    path = write(tmp_path / "c.jsonl", [{"messages": turns}])
+    with pytest.raises(QMiLoRAError, match="row 1: message 1 has role 'wizard'; use system, user, assistant or tool"):
+        build_dataset(DataConfig(data=path), TOK)
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{% for m in messages %}{{ m.content \n", "t.jinja: not a valid Jinja template: unexpected end of template"),
+    ("static text only\n", r"row 1: the chat template .*t.jinja does not render the messages: the text of message 1"),
+    ("  \n", "t.jinja is empty; pass a Jinja chat template file, or --chat_template none"),
+    ("{{ raise_exception('roles must alternate') }}", "row 1: the chat template refuses it: roles must alternate"),
+])
+def test_template_files_that_cannot_render_the_rows(tmp_path, template, match):
+    (tmp_path / "t.jinja").write_text(template)
+    data = write(tmp_path / "d.jsonl", ALPACA)
+    with pytest.raises(QMiLoRAError, match=match) as err:
+        build_dataset(DataConfig(data=data, chat_template=str(tmp_path / "t.jinja")), tiny_tokenizer())
+    assert "\n" not in str(err.value)
+
+
+def test_json_and_csv_layouts(tmp_path):
+    """The layouts the file readers take: JSON Lines with a byte-order mark, blank lines and a tab in a string, a
+    JSON array, quoted CSV cells over several lines; a broken line is named."""
+    lines = tmp_path / "a.jsonl"
+    tab = json.dumps(ALPACA[1]).replace("word ", "word\t")
+    lines.write_text("\ufeff" + json.dumps(ALPACA[0]) + "\n\n" + tab + "\n")
+    assert len(ids_of(lines)) == 2 and ids_of(lines) == ids_of(write(tmp_path / "a.json", ALPACA, "json"))
+    csv_file = tmp_path / "q.csv"
+    csv_file.write_text('instruction,output\n"What is 3 + 4?\nSay it, briefly.",7\n\n')
+    assert TOK.decode(ids_of(csv_file)[0]).count(",") == 1
+    broken = tmp_path / "b.jsonl"
+    broken.write_text(json.dumps(ALPACA[0]) + "\n" + '{"instruction": "a",\n')
+    with pytest.raises(QMiLoRAError, match="could not be read as jsonl: line 2: "):
+        build_dataset(DataConfig(data=str(broken)), TOK)
+    wide = tmp_path / "w.csv"
+    wide.write_text("instruction,output\na,b,c\n")
+    with pytest.raises(QMiLoRAError, match="line 2: 3 cells where the header has 2"):
+        build_dataset(DataConfig(data=str(wide)), TOK)
