@@ -48,6 +48,7 @@ class RunFolder:
         self.path = path
         self.meta_path = os.path.join(path, META)
         self.initial = os.path.join(path, INITIAL)
+        self.fresh = False  # this process began a new run here (`begin`): its record is its own to discard
 
     # --- reading -------------------------------------------------------------------------------------------------
     def meta(self) -> dict | None:
@@ -74,7 +75,7 @@ class RunFolder:
                                f"{meta.get('schema', 1)}, this one reads {SCHEMA}); train it again")
         if meta.get("state") != "complete":
             raise QMiLoRAError(f"{self.path} holds an unfinished run (state {meta.get('state')!r}); resume it with "
-                               "--resume_from_checkpoint true, or use one of its checkpoint-N folders' runs")
+                               "qmilora-train --resume_from_checkpoint true: a finished run writes the model this reads")
         for rel in (ADAPTER_FILE, ADAPTER_CONFIG, os.path.join(INITIAL, ADAPTER_FILE)):
             if not os.path.isfile(os.path.join(self.path, rel)):
                 raise QMiLoRAError(f"{self.path} lacks {rel}")
@@ -299,6 +300,18 @@ class RunFolder:
         event = {"resumed_from": meta.get("resumed_from"), **({"longer": meta["longer"]} if meta.get("longer") else {})}
         kept["history"] = kept["history"] + [event if resume else {"started": True}]
         self.write_meta({**meta, **kept, "schema": SCHEMA, "state": "training" if resume else "preparing"})
+        self.fresh = not resume
+
+    def discard_unstarted(self) -> None:
+        """After a new run failed before its first checkpoint: remove its record and initial adapter (each while it
+        holds the bytes recorded), so no half-written run is left; a run with checkpoints stays, to resume."""
+        meta = self.meta() if self.fresh else None
+        if meta is None or meta.get("state") == "complete" or self.checkpoints():
+            return
+        files.remove_recorded(self.path, {rel: rec for rel, rec in (meta.get("files") or {}).items()
+                                          if _plain_relative(rel)})
+        os.remove(self.meta_path)
+        self.fresh = False
 
     def write_meta(self, meta: dict) -> None:
         files.write_atomic(self.meta_path, json.dumps(meta, indent=2, default=str).encode())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -80,10 +81,15 @@ class _Progress(TrainerCallback):
             self.folder.rotate(self.keep, state.best_model_checkpoint)
 
 
+_DIVERGED = ("start a new run (--overwrite_output_dir true, or another --output_dir) with a lower --learning_rate, "
+             "or check the data")
+
+
 class _Trainer(Trainer):
     """transformers' Trainer with QMiLoRA's loss options (`qmilora.loss`), stopping at the first non-finite loss:
     its default NaN filter would log the running mean instead and train on (exit 0, `train_loss 0.0`). Raised
-    before the optimizer step, so the last complete checkpoint stays the last good state."""
+    before the optimizer step; the update that made the loss non-finite came a step earlier, so the last complete
+    checkpoint may hold it already. The last step's own update is checked by `check_trained`."""
 
     def __init__(self, *args, chunked_loss: bool = False, offload_activations: bool = False, **kwargs):
         if chunked_loss:
@@ -117,13 +123,49 @@ class _Trainer(Trainer):
         if not torch.isfinite(loss).all():
             last = RunFolder(self.args.output_dir).last_complete_checkpoint()
             raise QMiLoRAError(f"the training loss became {loss.item()} at step {self.state.global_step + 1}; stopped "
-                               f"(last complete checkpoint: {last or 'none'}); lower --learning_rate or check the data")
+                               f"(last complete checkpoint: {last or 'none'}, saved after an earlier update that may "
+                               f"have diverged already); {_DIVERGED}")
         return loss
+
+
+def check_trained(model, collator, train_set, step: int) -> None:
+    """The adapters after the last update: finite, and giving a finite loss on the first training rows (the loss
+    check during training sees each update only at the next step's forward, so the last one would pass unseen)."""
+    bad = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+    if bad:
+        raise QMiLoRAError(f"the adapter weight {bad} holds NaN or Inf after step {step}: training diverged, and no "
+                           f"final model was written; {_DIVERGED}")
+    batch = collator(check_rows(train_set))
+    device = next(p.device for p in model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+    finally:
+        model.train(was_training)
+    if not torch.isfinite(loss):
+        raise QMiLoRAError(f"the trained model's loss on the first training rows is {loss.item()} after step {step}: "
+                           f"training diverged, and no final model was written; {_DIVERGED}")
+
+
+def check_finite_adapter(path: str, what: str) -> None:
+    """Refuse an adapter file holding NaN or Inf, naming the tensor, before anything loads or trains on it."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        for name in f.keys():
+            tensor = f.get_tensor(name)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise QMiLoRAError(f"{what} holds NaN or Inf in {name}: it diverged; {_DIVERGED}")
 
 
 def _use_chunked_loss(run: RunConfig, args: TrainingArguments, model, collator, train_set) -> bool:
     """The chunked loss where asked for and where it equals the model's own on the first training rows."""
     if not run.chunked_loss or args.use_liger_kernel:
+        return False
+    if args.label_smoothing_factor:  # Trainer's label smoother works on the model's logits; the chunked loss has none
+        log.info("qmilora: --label_smoothing_factor: using the model's loss (Trainer's label smoothing)")
         return False
     batch = collator(check_rows(train_set))
     device = next(p.device for p in model.parameters())
@@ -141,7 +183,11 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
     _check_schedule(args)
     folder = RunFolder(args.output_dir)
     with folder.lock(enabled=args.process_index == 0):
-        return _train(folder, run, qcfg, dcfg, args)
+        try:
+            return _train(folder, run, qcfg, dcfg, args)
+        except BaseException:
+            folder.discard_unstarted()  # no half-written run record: a run that failed before its first checkpoint
+            raise
 
 
 def _refuse_hub_push(args: TrainingArguments) -> None:
@@ -151,6 +197,12 @@ def _refuse_hub_push(args: TrainingArguments) -> None:
         raise QMiLoRAError("--push_to_hub would upload the residual-form adapter, which runs only on QMiLoRA's 4-bit "
                            "residual base; after training export it (qmilora-export --to merged, or --to "
                            "original-lora) and upload that folder (hf upload)")
+
+
+_NUMBERS = {"learning_rate": (lambda v: v > 0, "a positive number"), "weight_decay": (lambda v: v >= 0, "0 or more"),
+            "max_grad_norm": (lambda v: v >= 0, "0 (no clipping) or more"),
+            "label_smoothing_factor": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+            "logging_steps": (lambda v: v > 0, "positive")}
 
 
 def _check_schedule(args: TrainingArguments) -> None:
@@ -165,6 +217,13 @@ def _check_schedule(args: TrainingArguments) -> None:
         raise QMiLoRAError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must be at least 1")
     if args.per_device_train_batch_size < 1:
         raise QMiLoRAError(f"--per_device_train_batch_size {args.per_device_train_batch_size} must be at least 1")
+    # values transformers takes without a word and trains on (or fails with late, or ignores)
+    for name, (ok, what) in _NUMBERS.items():
+        value = getattr(args, name)
+        if not (math.isfinite(value) and ok(value)):
+            raise QMiLoRAError(f"--{name} {value:g} must be {what}")
+    if args.save_total_limit is not None and args.save_total_limit < 0:
+        raise QMiLoRAError(f"--save_total_limit {args.save_total_limit} must be 0 or more (or unset: keep all)")
 
 
 def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingArguments):
@@ -209,15 +268,19 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
                            "replaces it: pass one of them")
     _absolute_paths(dcfg)  # a run record names files another working directory finds too
     check_file(dcfg)  # a wrong --data path, before anything slow
+    demo = run.model in (None, "demo")
+    directory = None if demo else checkpoint.resolve(run.model)
+    read = _read_files(qcfg, dcfg)
+    # the cache is written to as well: never into or around what the run reads (the demo model lives in the cache)
+    qfiles.check_disjoint(qcfg.resolved_cache_dir, {"the model checkpoint": directory, **read}, "--cache_dir")
     cache.memo(qcfg.resolved_cache_dir)  # a cache refused before anything is written
-    with args.main_process_first(local=True, desc="the demo model"):  # built once per node, then read by the others
-        source = run.model if run.model not in (None, "demo") else demo_model_dir(qcfg.cache_dir)
-    directory = checkpoint.resolve(source)
+    if demo:
+        with args.main_process_first(local=True, desc="the demo model"):  # built once per node, then read by others
+            directory = checkpoint.resolve(demo_model_dir(qcfg.cache_dir))
     files = checkpoint.shard_files(directory)
     resume = folder.resolve_resume(args.resume_from_checkpoint)
     if main:
-        data_file = dcfg.data if dcfg.data and os.path.exists(os.path.expanduser(dcfg.data)) else None
-        qfiles.check_disjoint(args.output_dir, {"the model checkpoint": directory, "the data": data_file,
+        qfiles.check_disjoint(args.output_dir, {"the model checkpoint": directory, **read,
                                                 "the qmilora cache": qcfg.resolved_cache_dir}, "--output_dir")
         folder.claim(resume=resume is not None, overwrite=run.overwrite_output_dir)  # before any slow step
     try:
@@ -246,6 +309,9 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
                                      recipe, again)
     if resume:
         check_not_finished(resume, args)
+        adapter = os.path.join(resume, ADAPTER_FILE)
+        if os.path.isfile(adapter):
+            check_finite_adapter(adapter, f"the checkpoint {resume}")
         for key, (was, now) in longer.items():
             log.warning("qmilora: training longer than recorded (%s %s -> %s); the learning-rate schedule now spans "
                         "the new length from the step it resumes at", key.split(".")[1], was, now)
@@ -312,6 +378,8 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
                "eval_rows": len(eval_set) if eval_set is not None else 0,
                "loss": "chunked" if chunked else ("liger" if args.use_liger_kernel else "model"), "packing": packed,
                "fused_lora": bool(fused), "tiled_mlp": run.tiled_mlp}
+    if not fsdp:  # FSDP's shards are checked by no single process, and its forward needs the wrapped model
+        check_trained(model, collator, train_set, trainer.state.global_step)
     if eval_set is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]  # every process takes part
     # under FSDP every process takes part in gathering the full weights; the main process writes them
@@ -334,6 +402,15 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
 
         PartialState().wait_for_everyone()  # the run is over for every process once its outputs exist
     return model, summary
+
+
+def _read_files(qcfg: QMiLoRAConfig, dcfg: DataConfig) -> dict[str, str | None]:
+    """The local files a run reads besides the model (what no output of it may be, contain or lie inside)."""
+    from .data import TEMPLATES
+
+    paths = {"the data": dcfg.data, "the chat template": None if dcfg.chat_template in TEMPLATES else dcfg.chat_template,
+             "the calibration data": None if qcfg.calibration_data == "bundled" else qcfg.calibration_data}
+    return {what: os.path.expanduser(p) for what, p in paths.items() if p and os.path.exists(os.path.expanduser(p))}
 
 
 def _absolute_paths(dcfg: DataConfig) -> None:
@@ -501,6 +578,7 @@ def load_trained(output_dir: str, model: str | None = None, **overrides):
 
     folder = RunFolder(output_dir)
     meta = folder.read_complete()
+    check_finite_adapter(os.path.join(folder.residual_adapter(), ADAPTER_FILE), f"the trained adapter of {output_dir}")
     qcfg = config_of_run(meta, **overrides)
     directory = verified_source(meta, model, qcfg.resolved_cache_dir)
     model = prepare_model(directory, qcfg)

@@ -185,15 +185,107 @@ def test_final_files_never_replace_files_a_user_added_during_training(tiny_llm, 
     assert train_main(argv(tiny_llm, done, cache, "--max_steps", "3", "--resume_from_checkpoint", "true")) == 0
 
 
+DIVERGE = ("--learning_rate", "1e30", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--max_grad_norm", "0")
+
+
 def test_non_finite_loss_stops_training_keeping_the_last_checkpoint(tiny_llm, tmp_path, cache, capsys):
     out = tmp_path / "run"
-    rc = train_main(argv(tiny_llm, out, cache, "--max_steps", "30", "--learning_rate", "1e30",
-                         "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--max_grad_norm", "0"))
-    assert rc == 1
+    assert train_main(argv(tiny_llm, out, cache, "--max_steps", "30", "--save_steps", "1", *DIVERGE)) == 1
     line = one_line_error(capsys)
-    assert "the training loss became" in line and "last complete checkpoint" in line
+    assert "the training loss became" in line and "last complete checkpoint" in line and "may have diverged" in line
+    assert "start a new run" in line  # not "lower --learning_rate" alone: a resume refuses another learning rate
     assert not (out / "adapter_model.safetensors").exists()
     assert json.load(open(out / "qmilora.json"))["state"] == "training"
+    # resuming from a checkpoint whose adapter holds NaN is refused naming the tensor, before any training
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    weights = load_file(last / "adapter_model.safetensors")
+    if all(torch.isfinite(t).all() for t in weights.values()):  # diverged to huge but finite: make one NaN
+        name = sorted(weights)[0]
+        weights[name][0, 0] = float("nan")
+        save_file(weights, last / "adapter_model.safetensors")
+        record = json.load(open(last / ".complete"))
+        record["adapter_model.safetensors"] = [os.path.getsize(last / "adapter_model.safetensors"),
+                                               checkpoint.file_digest(str(last / "adapter_model.safetensors"))]
+        (last / ".complete").write_text(json.dumps(record))
+    assert train_main(argv(tiny_llm, out, cache, "--max_steps", "31", "--save_steps", "1", *DIVERGE,
+                           "--resume_from_checkpoint", str(last))) == 1
+    line = one_line_error(capsys)
+    assert "holds NaN or Inf in" in line and "lora_" in line
+
+
+def test_a_last_update_that_diverges_is_caught(tiny_llm, tmp_path, cache, capsys):
+    """The loss check sees an update only at the next step's forward: the last step's is checked after training. A
+    run that fails before its first checkpoint leaves no run record (nothing half-written)."""
+    out = tmp_path / "run"
+    assert train_main(argv(tiny_llm, out, cache, "--max_steps", "1", "--save_strategy", "no", *DIVERGE)) == 1
+    line = one_line_error(capsys)
+    assert "training diverged, and no final model was written" in line
+    assert not out.exists()
+    # a trained adapter that holds NaN is refused by every command that loads it, naming the tensor
+    good = tmp_path / "good"
+    assert train_main(argv(tiny_llm, good, cache, "--max_steps", "1")) == 0
+    residual = good / "residual_adapter" / "adapter_model.safetensors"
+    weights = load_file(residual)
+    name = sorted(weights)[0]
+    weights[name][0, 0] = float("inf")
+    save_file(weights, residual)
+    meta = json.load(open(good / "qmilora.json"))  # as if the run had written it: only the values are wrong
+    meta["files"]["residual_adapter/adapter_model.safetensors"] = [os.path.getsize(residual),
+                                                                   checkpoint.file_digest(str(residual))]
+    (good / "qmilora.json").write_text(json.dumps(meta))
+    from qmilora.train import load_trained
+
+    with pytest.raises(QMiLoRAError, match=f"holds NaN or Inf in {name}"):
+        load_trained(str(good), cache_dir=cache)
+
+
+def test_a_failed_preparation_leaves_no_run_record(tiny_llm, tmp_path, cache, capsys):
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        assert train_main(argv(tiny_llm, out, cache, "--rank", "4000")) == 1
+        assert "too large" in one_line_error(capsys)
+        assert out.exists() == (out.name == "empty") and not (out.exists() and os.listdir(out))
+
+
+@pytest.mark.parametrize("flag, value", [("--learning_rate", "inf"), ("--label_smoothing_factor", "2"),
+                                         ("--logging_steps", "-1"), ("--max_grad_norm", "-1"),
+                                         ("--weight_decay", "-1"), ("--save_total_limit", "-1")])
+def test_training_numbers_out_of_range_are_refused(flag, value, tiny_llm, tmp_path, cache, capsys, monkeypatch):
+    import qmilora.prepare
+
+    monkeypatch.setattr(qmilora.prepare, "prepare_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert train_main(argv(tiny_llm, tmp_path / "run", cache, flag, value)) == 1
+    assert flag in one_line_error(capsys)
+
+
+def test_label_smoothing_uses_the_models_loss(tiny_llm, tmp_path, cache):
+    """Trainer's label smoother works on the model's logits; the chunked loss has none and would ignore it."""
+    runs = {}
+    for name, extra in (("plain", ()), ("smoothed", ("--label_smoothing_factor", "0.1"))):
+        assert train_main(argv(tiny_llm, tmp_path / name, cache, "--max_steps", "1", *extra)) == 0
+        runs[name] = json.load(open(tmp_path / name / "qmilora.json"))["summary"]
+    assert runs["plain"]["loss"] == "chunked" and runs["smoothed"]["loss"] == "model"
+    assert runs["smoothed"]["train_loss"] > runs["plain"]["train_loss"]  # smoothing adds the uniform term
+
+
+def test_the_cache_never_lies_in_or_around_what_a_run_reads(tiny_llm, tmp_path, capsys):
+    from qmilora.data import BUNDLED
+
+    data = tmp_path / "data" / "train.jsonl"
+    data.parent.mkdir()
+    shutil.copy(BUNDLED, data)
+    before = sorted(os.listdir(tiny_llm))
+    assert train_main(argv(tiny_llm, tmp_path / "r1", os.path.join(tiny_llm, "cache"))) == 1
+    assert "--cache_dir" in one_line_error(capsys) and sorted(os.listdir(tiny_llm)) == before
+    assert train_main(argv(tiny_llm, tmp_path / "r2", str(data.parent), "--data", str(data))) == 1
+    assert "contains the data" in one_line_error(capsys) and os.listdir(data.parent) == ["train.jsonl"]
+    template = tmp_path / "run" / "chat_template.jinja"
+    template.parent.mkdir()
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert train_main(argv(tiny_llm, tmp_path / "run", str(tmp_path / "cache"), "--chat_template", str(template),
+                           "--overwrite_output_dir", "true")) == 1
+    assert "contains the chat template" in one_line_error(capsys) and template.exists()
 
 
 def test_inspect_never_deletes_an_existing_folder(tiny_ckpt, tmp_path, capsys):
