@@ -205,7 +205,9 @@ def _check_utf8(path: str) -> None:
 
 _NEEDED = {"chat": ["messages"], "alpaca": ["instruction", "output"], "prompt_completion": ["prompt", "completion"],
            "text": ["text"]}
-ROLES = ("system", "user", "assistant", "tool")
+# the roles chat templates take (developer: gpt-oss; ipython: Llama 3.1's tool results; function: older OpenAI's)
+ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")
+_RESULTS = ("tool", "ipython", "function")  # tool results: templates may render them as JSON (quoted, escaped)
 
 
 def _format_of(fields) -> str | None:
@@ -435,8 +437,8 @@ def _encode_chat(messages, tokenizer, cfg: DataConfig) -> dict:
     render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
     full = render(messages, False)
     flat = "".join(full.split())  # whitespace aside: templates trim content, or put newlines around it
-    for k, m in enumerate(messages):  # tool results aside: templates may render them as JSON (quoted, escaped)
-        if m["role"] != "tool" and "".join(m["content"].split()) not in flat:
+    for k, m in enumerate(messages):
+        if m["role"] not in _RESULTS and "".join(m["content"].split()) not in flat:
             which = "of the model" if cfg.chat_template in TEMPLATES else cfg.chat_template
             raise ValueError(f"the chat template {which} does not render the messages: the text of message {k + 1} "
                              f"({m['role']}) is not in what it renders; use a template that renders every message's "

@@ -164,7 +164,7 @@ def test_rows_that_cannot_be_text_or_of_another_format_are_named(tmp_path, row, 
 def test_unknown_chat_roles_are_refused(tmp_path):
     turns = [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     path = write(tmp_path / "c.jsonl", [{"messages": turns}])
-    with pytest.raises(QMiLoRAError, match="row 1: message 1 has role 'wizard'; use system, user, assistant or tool"):
+    with pytest.raises(QMiLoRAError, match="row 1: message 1 has role 'wizard'; use system, user, assistant, tool, developer, ipython or function"):
         build_dataset(DataConfig(data=path), TOK)
 
 
