@@ -49,10 +49,6 @@ def _source(adapter_dir: str, model: str | None, cache_dir: str | None,
 
     meta = read_run(adapter_dir)
     _check_correction_rank(correction_rank, adapter_dir)
-    recorded = meta["source"]["path"]
-    if model is None and not os.path.exists(recorded):
-        raise QMiLoRAError(f"the run's original checkpoint {recorded} does not exist (moved or removed); pass "
-                           "--model PATH with where it is now")
     directory = verified_source(meta, model, config_of_run(meta, cache_dir=cache_dir).resolved_cache_dir)
     return meta, directory
 

@@ -45,25 +45,26 @@ def read_run(path: str) -> dict:
     return RunFolder(path).read_complete()
 
 
-def load(run_dir: str, merge_on_cpu: bool = True, cache_dir: str | None = None):
+def load(run_dir: str, merge_on_cpu: bool = True, cache_dir: str | None = None, model: str | None = None):
     """(model in eval mode, how it runs: a phrase for the log) for the run in `run_dir`, its prepared base from
-    `cache_dir` (default: the current default cache); applies the CPU thread policy (`cpu.choose`) for the
-    inference that follows. A model whose outputs are not finite (a diverged run) is refused."""
+    `cache_dir` (default: the current default cache), the original checkpoint from `model` where it moved since
+    training; applies the CPU thread policy (`cpu.choose`) for the inference that follows. A model whose outputs
+    are not finite (a diverged run) is refused."""
     from .fidelity import require_finite
 
-    model, how = _load(run_dir, merge_on_cpu, cache_dir)
+    model, how = _load(run_dir, merge_on_cpu, cache_dir, model)
     require_finite(model)
     return model, how
 
 
-def _load(run_dir: str, merge_on_cpu: bool, cache_dir: str | None):
+def _load(run_dir: str, merge_on_cpu: bool, cache_dir: str | None, source: str | None):
     from . import cpu, quantize
     from .config import QMiLoRAError
     from .export import as_trained
     from .train import load_trained
 
     t0 = time.perf_counter()
-    model = load_trained(run_dir, lora_dropout=0.0, cache_dir=cache_dir).eval()
+    model = load_trained(run_dir, source, lora_dropout=0.0, cache_dir=cache_dir).eval()
     if model.device.type != "cpu":
         return model, f"4-bit layers on {model.device}"
     threads, why = cpu.choose(None)

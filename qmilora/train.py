@@ -598,7 +598,11 @@ def config_of_run(meta: dict, **overrides) -> QMiLoRAConfig:
 
 def verified_source(meta: dict, model: str | None, cache_dir: str) -> str:
     """The original checkpoint of a run, verified by content to be the one the adapter was trained on."""
-    directory = checkpoint.resolve(model or meta["source"]["path"])
+    recorded = meta["source"]["path"]
+    if model is None and not os.path.exists(recorded):
+        raise QMiLoRAError(f"the run's original checkpoint {recorded} does not exist (moved or removed); pass "
+                           "--model PATH with where it is now")
+    directory = checkpoint.resolve(model or recorded)
     files = checkpoint.shard_files(directory)
     if checkpoint.identity(directory, files, cache.memo(cache_dir)) != meta["source"]["identity"]:
         raise QMiLoRAError(f"{directory} is not the checkpoint this adapter was trained on (its content differs); "

@@ -127,6 +127,13 @@ def test_a_moved_base_checkpoint_points_to_model(run, tiny_llm, tmp_path, capsys
     line = one_line_error(capsys, "qmilora-export")
     assert f"{tmp_path / 'gone'} does not exist" in line and "pass --model PATH with where it is now" in line
     assert export_main([*argv, "--output", str(tmp_path / "o"), "--model", tiny_llm]) == 0
+    # eval and generate take --model as export does
+    for main, prog, extra in [(eval_main, "qmilora-eval", ["--data", os.path.join(os.path.dirname(__file__), "..",
+                                                                                  "examples", "heldout.jsonl")]),
+                              (generate_main, "qmilora-generate", ["--prompt", "hi", "--max_new_tokens", "2"])]:
+        assert main(["--adapter", moved, *extra]) == 1
+        assert "pass --model PATH with where it is now" in one_line_error(capsys, prog)
+        assert main(["--adapter", moved, *extra, "--model", tiny_llm]) == 0
 
 
 def test_a_correction_rank_beyond_every_layer_is_refused_before_loading(run, tmp_path, capsys, monkeypatch):

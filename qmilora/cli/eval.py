@@ -19,6 +19,7 @@ class EvalArgs:
     batch_size: int = field(default=8, metadata={"help": "Examples per forward pass."})
     base: bool = field(default=True, metadata={"help": "Also evaluate the original full-precision base model."})
     merge_on_cpu: bool = field(default=True, metadata={"help": "On a CPU, evaluate the trained model as float32 weights merged once at load (dequantized 4-bit residual + adapter: the same model to float32 rounding, far faster there) when they fit in memory; false keeps the 4-bit layers."})
+    model: str | None = field(default=None, metadata={"help": "The original checkpoint, when it is not where qmilora.json says (it is verified by content)."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where prepared models are cached. Default: $QMILORA_CACHE or ~/.cache/qmilora."})
 
     def __post_init__(self) -> None:
@@ -47,7 +48,7 @@ def evaluate(args: EvalArgs) -> dict:
                            "run trained: shorten their prompts, or evaluate a run trained with a larger "
                            "--max_seq_length") from None
     result = {"data": args.data, "examples": len(rows)}
-    model, how = inference.load(args.adapter, args.merge_on_cpu, args.cache_dir)
+    model, how = inference.load(args.adapter, args.merge_on_cpu, args.cache_dir, args.model)
     log.info("qmilora-eval: trained model: %s; %d rows", how, len(rows))
     loss = mean_loss(model, rows, tokenizer, args.batch_size, desc="qmilora-eval: trained model")
     del model
@@ -55,11 +56,12 @@ def evaluate(args: EvalArgs) -> dict:
         raise diverged(" on these rows")
     result.update(loss=loss, perplexity=perplexity(loss))
     if args.base:
-        log.info("qmilora-eval: the original base model, %s", meta["source"]["path"])
-        base = AutoModelForCausalLM.from_pretrained(meta["source"]["path"])
+        source = args.model or meta["source"]["path"]  # load_trained verified it by content above
+        log.info("qmilora-eval: the original base model, %s", source)
+        base = AutoModelForCausalLM.from_pretrained(source)
         base_loss = mean_loss(base, rows, tokenizer, args.batch_size, desc="qmilora-eval: original base")
         if not math.isfinite(base_loss):
-            raise QMiLoRAError(f"the original base model {meta['source']['path']} gives non-finite outputs (NaN/Inf) "
+            raise QMiLoRAError(f"the original base model {source} gives non-finite outputs (NaN/Inf) "
                                "on these rows; evaluate without it (--base false)")
         result.update(base_loss=base_loss, base_perplexity=perplexity(base_loss))
     return result

@@ -18,6 +18,7 @@ class GenerateArgs:
     max_new_tokens: int = field(default=128, metadata={"help": "Tokens to generate."})
     temperature: float = field(default=0.0, metadata={"help": "0 for greedy decoding."})
     merge_on_cpu: bool = field(default=True, metadata={"help": "On a CPU, run the trained model as float32 weights merged once at load (dequantized 4-bit residual + adapter: the same model to float32 rounding, about 20x faster per token there) when they fit in memory; false keeps the 4-bit layers."})
+    model: str | None = field(default=None, metadata={"help": "The original checkpoint, when it is not where qmilora.json says (it is verified by content)."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where prepared models are cached. Default: $QMILORA_CACHE or ~/.cache/qmilora."})
 
     def __post_init__(self) -> None:
@@ -37,7 +38,7 @@ def generate(args: GenerateArgs, stream=None) -> str:
 
     inference.read_run(args.adapter)  # a clear error before any loading
     tokenizer = AutoTokenizer.from_pretrained(args.adapter)
-    model, how = inference.load(args.adapter, args.merge_on_cpu, args.cache_dir)
+    model, how = inference.load(args.adapter, args.merge_on_cpu, args.cache_dir, args.model)
     log.info("qmilora-generate: %s", how)
     if tokenizer.chat_template:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
