@@ -187,6 +187,7 @@ def test_thread_choice_says_why(monkeypatch):
     monkeypatch.setattr(cpu, "busy_cores", lambda: 3.0)
     assert cpu.choose(None) == (1, "4 cores, 3 runnable threads of other processes at start")
     assert cpu.choose(2) == (2, "asked for (--threads)")
+    assert cpu.choose(1000) == (1000, "asked for (--threads), more than the 4 cores here: expect it to be slower")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert cpu.choose(None) == (2, "4 cores shared by the 2 processes started on this machine")
     monkeypatch.setenv("QMILORA_THREADS", "3")
