@@ -303,10 +303,11 @@ class RunFolder:
         self.fresh = not resume
 
     def discard_unstarted(self) -> None:
-        """After a new run failed before its first checkpoint: remove its record and initial adapter (each while it
-        holds the bytes recorded), so no half-written run is left; a run with checkpoints stays, to resume."""
+        """After a new run failed while preparing (before training began): remove its record and initial adapter
+        (each while it holds the bytes recorded), so no half-written run is left. Once training has begun the record
+        stays, failed or not."""
         meta = self.meta() if self.fresh else None
-        if meta is None or meta.get("state") == "complete" or self.checkpoints():
+        if meta is None or meta.get("state") != "preparing" or self.checkpoints():
             return
         files.remove_recorded(self.path, {rel: rec for rel, rec in (meta.get("files") or {}).items()
                                           if _plain_relative(rel)})

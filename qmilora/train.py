@@ -157,7 +157,8 @@ def check_finite_adapter(path: str, what: str) -> None:
         for name in f.keys():
             tensor = f.get_tensor(name)
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise QMiLoRAError(f"{what} holds NaN or Inf in {name}: it diverged; {_DIVERGED}")
+                raise QMiLoRAError(f"{what} holds NaN or Inf in {name}: its training diverged; in qmilora-train, "
+                                   f"{_DIVERGED}")
 
 
 def _use_chunked_loss(run: RunConfig, args: TrainingArguments, model, collator, train_set) -> bool:
@@ -186,7 +187,7 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
         try:
             return _train(folder, run, qcfg, dcfg, args)
         except BaseException:
-            folder.discard_unstarted()  # no half-written run record: a run that failed before its first checkpoint
+            folder.discard_unstarted()  # no half-written run record: a run that failed while preparing
             raise
 
 
@@ -199,7 +200,7 @@ def _refuse_hub_push(args: TrainingArguments) -> None:
                            "original-lora) and upload that folder (hf upload)")
 
 
-_NUMBERS = {"learning_rate": (lambda v: v > 0, "a positive number"), "weight_decay": (lambda v: v >= 0, "0 or more"),
+_NUMBERS = {"learning_rate": (lambda v: v >= 0, "0 or more"), "weight_decay": (lambda v: v >= 0, "0 or more"),
             "max_grad_norm": (lambda v: v >= 0, "0 (no clipping) or more"),
             "label_smoothing_factor": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
             "logging_steps": (lambda v: v > 0, "positive")}
@@ -220,7 +221,7 @@ def _check_schedule(args: TrainingArguments) -> None:
     # values transformers takes without a word and trains on (or fails with late, or ignores)
     for name, (ok, what) in _NUMBERS.items():
         value = getattr(args, name)
-        if not (math.isfinite(value) and ok(value)):
+        if value is not None and not (math.isfinite(value) and ok(value)):  # max_grad_norm None: no clipping
             raise QMiLoRAError(f"--{name} {value:g} must be {what}")
     if args.save_total_limit is not None and args.save_total_limit < 0:
         raise QMiLoRAError(f"--save_total_limit {args.save_total_limit} must be 0 or more (or unset: keep all)")
@@ -271,8 +272,8 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     demo = run.model in (None, "demo")
     directory = None if demo else checkpoint.resolve(run.model)
     read = _read_files(qcfg, dcfg)
-    # the cache is written to as well: never into or around what the run reads (the demo model lives in the cache)
-    qfiles.check_disjoint(qcfg.resolved_cache_dir, {"the model checkpoint": directory, **read}, "--cache_dir")
+    if directory is not None:  # (the demo model lives in the cache)
+        _check_cache_place(qcfg.resolved_cache_dir, directory)
     cache.memo(qcfg.resolved_cache_dir)  # a cache refused before anything is written
     if demo:
         with args.main_process_first(local=True, desc="the demo model"):  # built once per node, then read by others
@@ -404,6 +405,15 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     return model, summary
 
 
+def _check_cache_place(cache_dir: str, model_dir: str) -> None:
+    """The cache writes only folders of its own (hash-named entries, digests), so it may hold a run's inputs; but
+    inside the model checkpoint its entries would become part of that folder (copied and uploaded with it)."""
+    cache_real, model_real = os.path.realpath(cache_dir), os.path.realpath(model_dir)
+    if cache_real == model_real or cache_real.startswith(model_real.rstrip(os.sep) + os.sep):
+        raise QMiLoRAError(f"--cache_dir {cache_dir} is or lies inside the model checkpoint {model_dir}: its entries "
+                           "would become part of that folder; choose another --cache_dir")
+
+
 def _read_files(qcfg: QMiLoRAConfig, dcfg: DataConfig) -> dict[str, str | None]:
     """The local files a run reads besides the model (what no output of it may be, contain or lie inside)."""
     from .data import TEMPLATES
@@ -464,10 +474,18 @@ CHECK_TOKENS = 128  # per row of the pre-training checks: what they test is the 
 
 
 def check_rows(train_set) -> list[dict]:
-    """The first two training rows cut to CHECK_TOKENS, for the checks before training: at long context the whole
-    rows would need a forward with full-vocabulary logits and no checkpointing (hundreds of GB at 32k tokens)."""
-    return [{k: list(train_set[i][k][:CHECK_TOKENS]) for k in ("input_ids", "labels")}
-            for i in range(min(2, len(train_set)))]
+    """Windows of CHECK_TOKENS from the first two training rows, for the checks before and after training: at long
+    context the whole rows would need a forward with full-vocabulary logits and no checkpointing (hundreds of GB at
+    32k tokens). Each window starts one token before its row's first supervised one, so that it holds supervised
+    tokens (a window of prompt alone gives a loss over nothing: NaN); where it starts, not the row, is what a check
+    tests the architecture with."""
+    rows = []
+    for i in range(min(2, len(train_set))):
+        row = train_set[i]
+        first = next((t for t, label in enumerate(row["labels"]) if label != -100), 0)
+        start = max(0, first - 1)
+        rows.append({k: list(row[k][start:start + CHECK_TOKENS]) for k in ("input_ids", "labels")})
+    return rows
 
 
 def packing_mixes(model, collator, train_set) -> str | None:

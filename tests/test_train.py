@@ -83,6 +83,11 @@ def test_yaml_config_and_aliases(tmp_path):
                                        "gradient_checkpointing": False}))
     run, q, d, t = parse(["--config", str(aliases), "--output_dir", str(tmp_path / "o")])
     assert (run.model, q.rank, d.max_seq_length, t.activation_checkpointing) == ("m", 8, 48, False)
+    both = tmp_path / "both.yaml"  # transformers' rule: the new name wins
+    both.write_text(yaml.safe_dump({"gradient_checkpointing": False, "activation_checkpointing": True,
+                                    "max_grad_norm": None}))
+    t = parse(["--config", str(both), "--output_dir", str(tmp_path / "o")])[3]
+    assert t.activation_checkpointing is True and t.max_grad_norm is None
     twice = tmp_path / "twice.yaml"
     twice.write_text("lora_r: 8\nrank: 4\n")
     with pytest.raises(QMiLoRAError, match="lora_r and rank name the same setting"):

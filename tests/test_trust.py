@@ -220,7 +220,8 @@ def test_a_last_update_that_diverges_is_caught(tiny_llm, tmp_path, cache, capsys
     assert train_main(argv(tiny_llm, out, cache, "--max_steps", "1", "--save_strategy", "no", *DIVERGE)) == 1
     line = one_line_error(capsys)
     assert "training diverged, and no final model was written" in line
-    assert not out.exists()
+    assert json.load(open(out / "qmilora.json"))["state"] == "training"  # the record of what ran stays
+    assert not (out / "adapter_model.safetensors").exists()
     # a trained adapter that holds NaN is refused by every command that loads it, naming the tensor
     good = tmp_path / "good"
     assert train_main(argv(tiny_llm, good, cache, "--max_steps", "1")) == 0
@@ -239,6 +240,22 @@ def test_a_last_update_that_diverges_is_caught(tiny_llm, tmp_path, cache, capsys
         load_trained(str(good), cache_dir=cache)
 
 
+def test_rows_whose_prompt_passes_the_check_window(tiny_llm, tmp_path, cache, monkeypatch):
+    """The checks before and after training run on windows of the first rows; a prompt longer than the window must
+    not make them see no supervised token (a loss over nothing is NaN: a healthy run was called diverged, and the
+    chunked loss silently turned off)."""
+    import qmilora.train
+
+    monkeypatch.setattr(qmilora.train, "CHECK_TOKENS", 16)  # the tiny model has 128 positions, the real window
+    data = tmp_path / "long.jsonl"
+    words = " ".join(["the"] * 40)
+    data.write_text("".join(json.dumps({"instruction": words, "output": "yes it is"}) + "\n" for _ in range(4)))
+    out = tmp_path / "run"
+    assert train_main(argv(tiny_llm, out, cache, "--data", str(data), "--max_seq_length", "100", "--max_steps", "1",
+                           "--save_strategy", "no")) == 0
+    assert json.load(open(out / "qmilora.json"))["summary"]["loss"] == "chunked"
+
+
 def test_a_failed_preparation_leaves_no_run_record(tiny_llm, tmp_path, cache, capsys):
     for out in (tmp_path / "new", tmp_path / "empty"):
         if out.name == "empty":
@@ -248,7 +265,7 @@ def test_a_failed_preparation_leaves_no_run_record(tiny_llm, tmp_path, cache, ca
         assert out.exists() == (out.name == "empty") and not (out.exists() and os.listdir(out))
 
 
-@pytest.mark.parametrize("flag, value", [("--learning_rate", "inf"), ("--label_smoothing_factor", "2"),
+@pytest.mark.parametrize("flag, value", [("--learning_rate", "inf"), ("--learning_rate", "-1"), ("--label_smoothing_factor", "2"),
                                          ("--logging_steps", "-1"), ("--max_grad_norm", "-1"),
                                          ("--weight_decay", "-1"), ("--save_total_limit", "-1")])
 def test_training_numbers_out_of_range_are_refused(flag, value, tiny_llm, tmp_path, cache, capsys, monkeypatch):
@@ -269,17 +286,15 @@ def test_label_smoothing_uses_the_models_loss(tiny_llm, tmp_path, cache):
     assert runs["smoothed"]["train_loss"] > runs["plain"]["train_loss"]  # smoothing adds the uniform term
 
 
-def test_the_cache_never_lies_in_or_around_what_a_run_reads(tiny_llm, tmp_path, capsys):
-    from qmilora.data import BUNDLED
-
-    data = tmp_path / "data" / "train.jsonl"
-    data.parent.mkdir()
-    shutil.copy(BUNDLED, data)
+def test_the_cache_never_lies_in_the_model_nor_an_output_around_what_a_run_reads(tiny_llm, tmp_path, capsys):
+    """Inside the model checkpoint the cache's entries would become part of it; a cache holding the model or the
+    data (one scratch folder for everything) is harmless, as it writes only folders of its own."""
     before = sorted(os.listdir(tiny_llm))
     assert train_main(argv(tiny_llm, tmp_path / "r1", os.path.join(tiny_llm, "cache"))) == 1
-    assert "--cache_dir" in one_line_error(capsys) and sorted(os.listdir(tiny_llm)) == before
-    assert train_main(argv(tiny_llm, tmp_path / "r2", str(data.parent), "--data", str(data))) == 1
-    assert "contains the data" in one_line_error(capsys) and os.listdir(data.parent) == ["train.jsonl"]
+    assert "choose another --cache_dir" in one_line_error(capsys) and sorted(os.listdir(tiny_llm)) == before
+    scratch = tmp_path / "scratch"
+    shutil.copytree(tiny_llm, scratch / "model")
+    assert train_main(argv(str(scratch / "model"), tmp_path / "r2", str(scratch), "--max_steps", "1")) == 0
     template = tmp_path / "run" / "chat_template.jinja"
     template.parent.mkdir()
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")

@@ -71,6 +71,7 @@ def parse(argv: list[str]):
     parser, n_groups = build_parser()
     remember("qmilora-train", parser)
     pre, _ = parser.parse_known_args(argv)
+    recipe = {}
     if pre.config:
         try:
             with open(pre.config) as f:
@@ -79,10 +80,11 @@ def parse(argv: list[str]):
             raise QMiLoRAError(f"--config {pre.config}: {err}") from None
         if not isinstance(values, dict):
             raise QMiLoRAError(f"--config {pre.config}: expected a mapping of flag names to values")
-        parser.set_defaults(**yaml_keys(parser, values, pre.config))
+        recipe = yaml_keys(parser, values, pre.config)
+        parser.set_defaults(**recipe)
     given, _ = parser.parse_known_args(argv)
     for old, new in _OLD_NAMES.items():
-        if getattr(given, old, None) is not None:
+        if getattr(given, old, None) is not None and new not in recipe:  # a new name given anywhere wins
             parser.set_defaults(**{new: None})
     # -> one instance per dataclass, a Namespace holding --config, and the strings no flag took
     with warnings.catch_warnings():  # the old names are aliases here, as the ecosystem's recipes use them
