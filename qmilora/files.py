@@ -104,9 +104,10 @@ def atomic_dir(target: str, overwrite: bool = False, private: bool = False, own_
     the same folder removes such leftovers of processes that are no longer running. Without `overwrite` only a
     missing or empty `target` is replaced, decided by the rename itself (so also for a folder made meanwhile).
     `overwrite` replaces an existing `target` whole: the caller has checked that it holds only what qmilora wrote
-    there. With `own_only` (the flag that allows replacing, for messages) that is checked again once `target` is
-    moved aside, where no one writes into it by name any more: a folder that gained another's files since the
-    caller's check is put back, never deleted.
+    there. With `own_only` (the flag that allows replacing, for messages) that is checked again in place, at the
+    end, and the folder is moved aside only if no entry changed since that check began (compared by inode, size and
+    times): a file added or edited while an export ran stops it with the folder as it is. The folder moved aside
+    waits in an unmarked folder (no cleanup removes it) and is put back on any failure.
     """
     target = real_target(target)
     parent = os.path.dirname(target)
@@ -125,22 +126,41 @@ def atomic_dir(target: str, overwrite: bool = False, private: bool = False, own_
                 hint = f"; pass {own_only} to replace it" if own_only else ""
                 raise QMiLoRAError(f"output {target} already exists and is not an empty folder{hint}") from None
             return
-        old = make_temporary(parent, os.path.basename(target))
-        moved = os.path.join(old, "old")
+        if own_only:
+            seen = _entries(target)
+            problem = _replace_problem(target, target, own_only)
+            if problem:
+                raise QMiLoRAError(f"{problem}; nothing was replaced")
+        holder = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.qmilora-replacing-", dir=parent)
+        moved = os.path.join(holder, "old")
         os.rename(target, moved)
-        problem = _replace_problem(moved, target, own_only) if own_only else None
-        if problem:
+        try:
+            if own_only and _entries(moved) != seen:
+                raise QMiLoRAError(f"output {target} changed while it was checked (a file added, removed or edited)")
+            os.rename(tmp, target)
+        except BaseException as err:
             kept = _put_back(moved, target)
-            if kept == moved:  # no longer a temporary: no cleanup may remove what it holds
-                os.unlink(os.path.join(old, MARKER))
-            else:
-                shutil.rmtree(old)  # only its marker is left
-            raise QMiLoRAError(problem + ("; nothing was replaced" if kept == target else f"; it is kept as {kept}"))
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+            if kept != moved:
+                os.rmdir(holder)
+            if isinstance(err, QMiLoRAError):
+                raise QMiLoRAError(f"{err}; " + ("nothing was replaced" if kept == target else f"it is kept as {kept}"))
+            raise
+        shutil.rmtree(holder, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _entries(folder: str) -> dict[str, tuple]:
+    """{relative path: (inode, size, mtime, ctime, mode)} of everything under `folder` (itself aside: moving it
+    changes its own times only)."""
+    out = {}
+    for base, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            path = os.path.join(base, name)
+            st = os.lstat(path)
+            out[os.path.relpath(path, folder)] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+    return out
 
 
 def _put_back(moved: str, target: str) -> str:

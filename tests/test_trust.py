@@ -370,6 +370,34 @@ def test_replacing_an_output_checks_it_again_at_the_rename(tmp_path):
     with pytest.raises(QMiLoRAError, match="already exists and is not an empty folder; pass --overwrite"):
         publish(False)
     assert (other / "model.bin").read_text() == "new"
+    # interrupted while checking (a kill or Ctrl-C while it hashes a large export), or failing at the last rename:
+    # the folder and what it holds stay where they were, and no cleanup removes them
+    out = other
+    (other / "NOTES.md").write_text("mine")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real_rename = os.rename
+
+    def last_rename_fails(src, dst):
+        if dst == str(other) and ".qmilora-replacing-" not in src:
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(files, "foreign", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            publish(True)
+    assert (other / "NOTES.md").read_text() == "mine"
+    (other / "NOTES.md").unlink()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "rename", last_rename_fails)
+        with pytest.raises(OSError, match="No space"):
+            publish(True)
+    assert sorted(p.name for p in other.iterdir()) == sorted([files.MANIFEST, "model.bin"])
+    files.remove_stale_temporaries(str(tmp_path))
+    assert not [p for p in tmp_path.iterdir() if ".qmilora-" in p.name]
     # a folder to put back whose name was taken again meanwhile goes beside it, never into a temporary
     moved, taken = tmp_path / "moved", tmp_path / "taken"
     for folder in (moved, taken):
