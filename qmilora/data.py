@@ -128,26 +128,32 @@ def _read_json(path: str, ext: str) -> list[dict]:
     fail = lambda where, err: QMiLoRAError(  # noqa: E731
         f"data file {path} could not be read as {ext[1:]}: {where}{err.msg} (column {err.colno})")
     load = lambda text: json.loads(text, parse_float=_Number, strict=False)  # noqa: E731 (tabs in strings pass)
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
+    def whole() -> str:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+
+    with open(path, "rb") as f:
+        array = f.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+    if array:
         try:
-            rows = [{"text": r} if isinstance(r, str) else r for r in load(text)]
+            rows = [{"text": r} if isinstance(r, str) else r for r in load(whole())]
         except ValueError as err:
             raise fail(f"line {err.lineno}: ", err) from None
     else:
         rows = []
-        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
-            if not line.strip():
-                continue
-            try:
-                rows.append(load(line))
-            except ValueError as err:
+        with open(path, "rb") as f:  # a line at a time (a large file is never one string); split at \n only: JSON
+            for n, raw in enumerate(f, 1):  # strings may hold U+2028 or a raw \r
+                line = raw.decode("utf-8").removeprefix("\ufeff") if n == 1 else raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 try:
-                    rows = [load(text)]  # one object written over several lines
-                except ValueError:
-                    raise fail(f"line {n}: ", err) from None
-                break
+                    rows.append(load(line))
+                except ValueError as err:
+                    try:
+                        rows = [load(whole())]  # one object written over several lines
+                    except ValueError:
+                        raise fail(f"line {n}: ", err) from None
+                    break
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise QMiLoRAError(f"data file {path}, row {n}: a JSON {type(row).__name__}, not an object of fields")
@@ -427,6 +433,8 @@ def _encode_chat(messages, tokenizer, cfg: DataConfig) -> dict:
         raise ValueError("each message must be an object with string fields role and content")
     messages = [{**m, "content": _text(m.get("content"), f"message {k + 1}'s content")} for k, m in enumerate(messages)]
     for k, m in enumerate(messages):
+        if m["content"] is None and m.get("tool_calls"):  # an assistant turn that only calls tools (OpenAI's form)
+            m["content"] = ""
         if m["content"] is None:
             raise ValueError("each message must be an object with string fields role and content")
         if m["role"] not in ROLES:
@@ -440,9 +448,10 @@ def _encode_chat(messages, tokenizer, cfg: DataConfig) -> dict:
     for k, m in enumerate(messages):
         if m["role"] not in _RESULTS and "".join(m["content"].split()) not in flat:
             which = "of the model" if cfg.chat_template in TEMPLATES else cfg.chat_template
-            raise ValueError(f"the chat template {which} does not render the messages: the text of message {k + 1} "
-                             f"({m['role']}) is not in what it renders; use a template that renders every message's "
-                             "content")
+            raise ValueError(f"the chat template {which} leaves out part of message {k + 1} ({m['role']}): templates "
+                             "drop e.g. <think> reasoning, a system prompt shown only before a final user turn, or "
+                             "text beside tool calls; remove that part from the data, or pass --chat_template FILE "
+                             "with a template that renders it")
     spans = []
     for k, m in enumerate(messages):
         if m["role"] != "assistant":

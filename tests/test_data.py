@@ -161,6 +161,15 @@ def test_rows_that_cannot_be_text_or_of_another_format_are_named(tmp_path, row, 
     assert "\n" not in str(err.value)
 
 
+def test_an_assistant_turn_that_only_calls_tools(tmp_path):
+    """OpenAI's form: content null beside tool_calls; the template renders the calls."""
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 40, "b": 2}}}
+    turns = [{"role": "user", "content": "40 + 2?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "content": "42"}, {"role": "assistant", "content": "It is 42."}]
+    rows, _, _ = build_dataset(DataConfig(data=write(tmp_path / "c.jsonl", [{"messages": turns}])), TOK)
+    assert len(rows) == 1
+
+
 def test_unknown_chat_roles_are_refused(tmp_path):
     turns = [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     path = write(tmp_path / "c.jsonl", [{"messages": turns}])
@@ -170,7 +179,7 @@ def test_unknown_chat_roles_are_refused(tmp_path):
 
 @pytest.mark.parametrize("template, match", [
     ("{% for m in messages %}{{ m.content \n", "t.jinja: not a valid Jinja template: unexpected end of template"),
-    ("static text only\n", r"row 1: the chat template .*t.jinja does not render the messages: the text of message 1"),
+    ("static text only\n", r"row 1: the chat template .*t.jinja leaves out part of message 1 \(user\)"),
     ("  \n", "t.jinja is empty; pass a Jinja chat template file, or --chat_template none"),
     ("{{ raise_exception('roles must alternate') }}", "row 1: the chat template refuses it: roles must alternate"),
 ])
