@@ -248,7 +248,8 @@ def _report(kind: str, answers: _Answers | None, load_artifact) -> dict | None:
     if not math.isfinite(result.loss):  # the trained model's was finite (`fidelity.reference`)
         raise QMiLoRAError(f"the {kind} export gives non-finite outputs (NaN/Inf) on {answers.rows.where}, where the "
                            "trained model does not; nothing was written"
-                           + ("; try --dtype float32" if kind == "merged" else ""))
+                           + ("; try --dtype float32" if kind == "merged" else
+                              "; it is measured in the run's compute dtype: --measure_rows 0 writes it unmeasured"))
     print(f"qmilora-export: trained model: loss {answers.loss:.4f} on {answers.rows.tokens} supervised tokens of "
           f"{answers.rows.where}", file=sys.stderr)
     print(f"qmilora-export: {result.line(answers.loss)}", file=sys.stderr)
