@@ -29,8 +29,9 @@ def run(prog: str, body: Callable[[], None]) -> int:
     except KeyboardInterrupt:
         if _rank() != 0:  # Ctrl-C reaches every process of a job
             return 130
-        _error(prog, "interrupted; files written so far are complete (a run resumes from its last complete "
-                     "checkpoint with --resume_from_checkpoint true)")
+        _error(prog, "interrupted; files written so far are complete" + (
+            " (a run that saved a checkpoint resumes from it with --resume_from_checkpoint true)"
+            if prog == "qmilora-train" else ""))
         return 130
     except Exception as err:
         if os.environ.get("QMILORA_DEBUG"):
