@@ -477,8 +477,8 @@ def check_rows(train_set) -> list[dict]:
     """Windows of CHECK_TOKENS from the first two training rows, for the checks before and after training: at long
     context the whole rows would need a forward with full-vocabulary logits and no checkpointing (hundreds of GB at
     32k tokens). Each window starts one token before its row's first supervised one, so that it holds supervised
-    tokens (a window of prompt alone gives a loss over nothing: NaN); where it starts, not the row, is what a check
-    tests the architecture with."""
+    tokens (a window of prompt alone gives a loss over nothing: NaN). What the checks test is the architecture,
+    which any window shows."""
     rows = []
     for i in range(min(2, len(train_set))):
         row = train_set[i]
