@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,7 +14,7 @@ import torch
 from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback,
                           TrainingArguments)
 
-from . import cache, checkpoint, console, cpu, files as qfiles, interop, loss as lm_loss
+from . import cache, checkpoint, checks, console, cpu, files as qfiles, interop, loss as lm_loss
 from .config import QMiLoRAConfig, QMiLoRAError
 from .data import PACKED_MASK_TOKENS, DataConfig, build_dataset, check_file, show_example
 from .runfolder import ADAPTER_FILE, RESIDUAL, RunFolder
@@ -81,10 +80,6 @@ class _Progress(TrainerCallback):
             self.folder.rotate(self.keep, state.best_model_checkpoint)
 
 
-_DIVERGED = ("start a new run (--overwrite_output_dir true, or another --output_dir) with a lower --learning_rate, "
-             "or check the data")
-
-
 class _Trainer(Trainer):
     """transformers' Trainer with QMiLoRA's loss options (`qmilora.loss`), stopping at the first non-finite loss:
     its default NaN filter would log the running mean instead and train on (exit 0, `train_loss 0.0`). Raised
@@ -124,41 +119,8 @@ class _Trainer(Trainer):
             last = RunFolder(self.args.output_dir).last_complete_checkpoint()
             raise QMiLoRAError(f"the training loss became {loss.item()} at step {self.state.global_step + 1}; stopped "
                                f"(last complete checkpoint: {last or 'none'}, saved after an earlier update that may "
-                               f"have diverged already); {_DIVERGED}")
+                               f"have diverged already); {checks.DIVERGED}")
         return loss
-
-
-def check_trained(model, collator, train_set, step: int) -> None:
-    """The adapters after the last update: finite, and giving a finite loss on the first training rows (the loss
-    check during training sees each update only at the next step's forward, so the last one would pass unseen)."""
-    bad = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
-    if bad:
-        raise QMiLoRAError(f"the adapter weight {bad} holds NaN or Inf after step {step}: training diverged, and no "
-                           f"final model was written; {_DIVERGED}")
-    batch = collator(check_rows(train_set))
-    device = next(p.device for p in model.parameters())
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-    finally:
-        model.train(was_training)
-    if not torch.isfinite(loss):
-        raise QMiLoRAError(f"the trained model's loss on the first training rows is {loss.item()} after step {step}: "
-                           f"training diverged, and no final model was written; {_DIVERGED}")
-
-
-def check_finite_adapter(path: str, what: str) -> None:
-    """Refuse an adapter file holding NaN or Inf, naming the tensor, before anything loads or trains on it."""
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        for name in f.keys():
-            tensor = f.get_tensor(name)
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise QMiLoRAError(f"{what} holds NaN or Inf in {name}: its training diverged; in qmilora-train, "
-                                   f"{_DIVERGED}")
 
 
 def _use_chunked_loss(run: RunConfig, args: TrainingArguments, model, collator, train_set) -> bool:
@@ -168,7 +130,7 @@ def _use_chunked_loss(run: RunConfig, args: TrainingArguments, model, collator, 
     if args.label_smoothing_factor:  # Trainer's label smoother works on the model's logits; the chunked loss has none
         log.info("qmilora: --label_smoothing_factor: using the model's loss (Trainer's label smoothing)")
         return False
-    batch = collator(check_rows(train_set))
+    batch = collator(checks.check_rows(train_set))
     device = next(p.device for p in model.parameters())
     agree, own, ours = lm_loss.matches_model_loss(model, {k: v.to(device) for k, v in batch.items()})
     if not agree:
@@ -180,8 +142,8 @@ def _use_chunked_loss(run: RunConfig, args: TrainingArguments, model, collator, 
 def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingArguments):
     """Prepare, train, and write the outputs; returns (trained PeftModel, run summary). The main process holds the
     output folder's lock throughout: a second training into it is refused."""
-    _refuse_hub_push(args)
-    _check_schedule(args)
+    checks.refuse_hub_push(args)
+    checks.check_schedule(args)
     folder = RunFolder(args.output_dir)
     with folder.lock(enabled=args.process_index == 0):
         try:
@@ -189,42 +151,6 @@ def train(run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingA
         except BaseException:
             folder.discard_unstarted()  # no half-written run record: a run that failed while preparing
             raise
-
-
-def _refuse_hub_push(args: TrainingArguments) -> None:
-    """Trainer's push uploads --output_dir as Trainer saves into it: the residual-form adapter at its top, which on
-    the original base is another, much worse model (issue 27). Pushing starts from an export instead."""
-    if args.push_to_hub:
-        raise QMiLoRAError("--push_to_hub would upload the residual-form adapter, which runs only on QMiLoRA's 4-bit "
-                           "residual base; after training export it (qmilora-export --to merged, or --to "
-                           "original-lora) and upload that folder (hf upload)")
-
-
-_NUMBERS = {"learning_rate": (lambda v: v >= 0, "0 or more"), "weight_decay": (lambda v: v >= 0, "0 or more"),
-            "max_grad_norm": (lambda v: v >= 0, "0 (no clipping) or more"),
-            "label_smoothing_factor": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
-            "logging_steps": (lambda v: v > 0, "positive")}
-
-
-def _check_schedule(args: TrainingArguments) -> None:
-    """Schedules that would train nothing, or something other than asked, refused before anything starts."""
-    if args.max_steps == 0:
-        raise QMiLoRAError("--max_steps 0 trains nothing; give a positive number of steps (or -1 to train "
-                           "--num_train_epochs epochs)")
-    if args.max_steps < 0 and args.num_train_epochs <= 0:
-        raise QMiLoRAError(f"--num_train_epochs {args.num_train_epochs} trains nothing; give a positive number of "
-                           "epochs or --max_steps")
-    if args.gradient_accumulation_steps < 1:
-        raise QMiLoRAError(f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must be at least 1")
-    if args.per_device_train_batch_size < 1:
-        raise QMiLoRAError(f"--per_device_train_batch_size {args.per_device_train_batch_size} must be at least 1")
-    # values transformers takes without a word and trains on (or fails with late, or ignores)
-    for name, (ok, what) in _NUMBERS.items():
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and ok(value)):  # max_grad_norm None: no clipping
-            raise QMiLoRAError(f"--{name} {value:g} must be {what}")
-    if args.save_total_limit is not None and args.save_total_limit < 0:
-        raise QMiLoRAError(f"--save_total_limit {args.save_total_limit} must be 0 or more (or unset: keep all)")
 
 
 def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataConfig, args: TrainingArguments):
@@ -271,9 +197,9 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     check_file(dcfg)  # a wrong --data path, before anything slow
     demo = run.model in (None, "demo")
     directory = None if demo else checkpoint.resolve(run.model)
-    read = _read_files(qcfg, dcfg)
+    read = checks.read_files(qcfg, dcfg)
     if directory is not None:  # (the demo model lives in the cache)
-        _check_cache_place(qcfg.resolved_cache_dir, directory)
+        checks.check_cache_place(qcfg.resolved_cache_dir, directory)
     cache.memo(qcfg.resolved_cache_dir)  # a cache refused before anything is written
     if demo:
         with args.main_process_first(local=True, desc="the demo model"):  # built once per node, then read by others
@@ -291,7 +217,7 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_set, eval_set, fmt = build_dataset(dcfg, tokenizer)  # bad data stops here, before the model loads
-    check_data_fits(directory, [train_set] + ([eval_set] if eval_set is not None else []))
+    checks.check_data_fits(directory, [train_set] + ([eval_set] if eval_set is not None else []))
     if main:  # what the model will read: the chat template and system prompt in effect, the trained span marked
         log.info("qmilora: first training example ([[...]] is trained on):\n%s", show_example(train_set[0], tokenizer))
     if eval_set is None and args.eval_strategy != "no":
@@ -309,10 +235,10 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
         longer = folder.check_resume(resume, checkpoint.identity(directory, files, cache.memo(qcfg.resolved_cache_dir)),
                                      recipe, again)
     if resume:
-        check_not_finished(resume, args)
+        checks.check_not_finished(resume, args)
         adapter = os.path.join(resume, ADAPTER_FILE)
         if os.path.isfile(adapter):
-            check_finite_adapter(adapter, f"the checkpoint {resume}")
+            checks.check_finite_adapter(adapter, f"the checkpoint {resume}")
         for key, (was, now) in longer.items():
             log.warning("qmilora: training longer than recorded (%s %s -> %s); the learning-rate schedule now spans "
                         "the new length from the step it resumes at", key.split(".")[1], was, now)
@@ -380,7 +306,7 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
                "loss": "chunked" if chunked else ("liger" if args.use_liger_kernel else "model"), "packing": packed,
                "fused_lora": bool(fused), "tiled_mlp": run.tiled_mlp}
     if not fsdp:  # FSDP's shards are checked by no single process, and its forward needs the wrapped model
-        check_trained(model, collator, train_set, trainer.state.global_step)
+        checks.check_trained(model, collator, train_set, trainer.state.global_step)
     if eval_set is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]  # every process takes part
     # under FSDP every process takes part in gathering the full weights; the main process writes them
@@ -405,45 +331,11 @@ def _train(folder: RunFolder, run: RunConfig, qcfg: QMiLoRAConfig, dcfg: DataCon
     return model, summary
 
 
-def _check_cache_place(cache_dir: str, model_dir: str) -> None:
-    """The cache writes only folders of its own (hash-named entries, digests), so it may hold a run's inputs; but
-    inside the model checkpoint its entries would become part of that folder (copied and uploaded with it)."""
-    cache_real, model_real = os.path.realpath(cache_dir), os.path.realpath(model_dir)
-    if cache_real == model_real or cache_real.startswith(model_real.rstrip(os.sep) + os.sep):
-        raise QMiLoRAError(f"--cache_dir {cache_dir} is or lies inside the model checkpoint {model_dir}: its entries "
-                           "would become part of that folder; choose another --cache_dir")
-
-
-def _read_files(qcfg: QMiLoRAConfig, dcfg: DataConfig) -> dict[str, str | None]:
-    """The local files a run reads besides the model (what no output of it may be, contain or lie inside)."""
-    from .data import TEMPLATES
-
-    paths = {"the data": dcfg.data, "the chat template": None if dcfg.chat_template in TEMPLATES else dcfg.chat_template,
-             "the calibration data": None if qcfg.calibration_data == "bundled" else qcfg.calibration_data}
-    return {what: os.path.expanduser(p) for what, p in paths.items() if p and os.path.exists(os.path.expanduser(p))}
-
-
 def _absolute_paths(dcfg: DataConfig) -> None:
     for name in ("data", "chat_template"):
         value = getattr(dcfg, name)
         if value and os.path.exists(os.path.expanduser(value)):
             setattr(dcfg, name, os.path.abspath(os.path.expanduser(value)))
-
-
-def check_not_finished(checkpoint_dir: str, args: TrainingArguments) -> None:
-    """A resume that would train nothing new: Trainer would run one step past the end and call the run complete."""
-    try:
-        with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return
-    step, epoch = state.get("global_step", 0), state.get("epoch", 0) or 0
-    if args.max_steps > 0 and step >= args.max_steps:
-        raise QMiLoRAError(f"{checkpoint_dir} is at step {step}, and --max_steps is {args.max_steps}: there is nothing "
-                           "left to train; pass a larger --max_steps to train longer")
-    if args.max_steps <= 0 and epoch >= args.num_train_epochs:
-        raise QMiLoRAError(f"{checkpoint_dir} has trained {epoch:g} epochs of --num_train_epochs "
-                           f"{args.num_train_epochs:g}: there is nothing left to train; pass more epochs to train longer")
 
 
 def choose_collator(model, tokenizer, packing: bool | None, train_set, row_tokens: int = 0):
@@ -470,29 +362,11 @@ def choose_collator(model, tokenizer, packing: bool | None, train_set, row_token
     return padded, False
 
 
-CHECK_TOKENS = 128  # per row of the pre-training checks: what they test is the architecture, not the length
-
-
-def check_rows(train_set) -> list[dict]:
-    """Windows of CHECK_TOKENS from the first two training rows, for the checks before and after training: at long
-    context the whole rows would need a forward with full-vocabulary logits and no checkpointing (hundreds of GB at
-    32k tokens). Each window starts one token before its row's first supervised one, so that it holds supervised
-    tokens (a window of prompt alone gives a loss over nothing: NaN). What the checks test is the architecture,
-    which any window shows."""
-    rows = []
-    for i in range(min(2, len(train_set))):
-        row = train_set[i]
-        first = next((t for t, label in enumerate(row["labels"]) if label != -100), 0)
-        start = max(0, first - 1)
-        rows.append({k: list(row[k][start:start + CHECK_TOKENS]) for k in ("input_ids", "labels")})
-    return rows
-
-
 def packing_mixes(model, collator, train_set) -> str | None:
     """Why packing would not keep examples apart on this model, or None where it does: the logits of two examples
     flattened into one row must equal their logits alone (transformers builds per-example masks from the position
     ids for the architectures it has moved to its masking utilities; others would mix examples silently)."""
-    rows = check_rows(train_set)
+    rows = checks.check_rows(train_set)
     if len(rows) < 2:
         return None
     device = next(p.device for p in model.parameters())
@@ -515,27 +389,6 @@ def packing_mixes(model, collator, train_set) -> str | None:
     if gap > 1e-2 * alone.float().abs().max().item() + 1e-4:
         return f"{name} lets packed examples attend to each other (logits differ by {gap:.3g} from the examples alone)"
     return None
-
-
-def check_data_fits(directory: str, sets: list) -> None:
-    """Token ids the embedding has rows for, and sequences no longer than the positions the model has, before the
-    model loads: otherwise an index error deep inside the first forward, or positions the model never learned."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(directory).get_text_config()
-    vocab = getattr(config, "vocab_size", None)
-    rows = [ids for s in sets for ids in s["input_ids"]]
-    longest, top = max(map(len, rows)), max(map(max, rows))
-    if isinstance(vocab, int) and top >= vocab:
-        raise QMiLoRAError(f"the tokenizer gives token id {top}, but the model's embedding has {vocab} rows: the "
-                           "tokenizer does not belong to this model (or has added tokens the model lacks); use the "
-                           "model's own tokenizer")
-    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    extended = isinstance(scaling, dict) and scaling.get("rope_type", "default") != "default"  # context extension
-    if isinstance(positions, int) and longest > positions and not extended:
-        raise QMiLoRAError(f"an example is {longest} tokens long, but the model has {positions} positions; lower "
-                           f"--max_seq_length to {positions} or less")
 
 
 # TrainingArguments that only change what is logged, saved or evaluated, or how fast: a resume may change them.
@@ -596,7 +449,8 @@ def load_trained(output_dir: str, model: str | None = None, **overrides):
 
     folder = RunFolder(output_dir)
     meta = folder.read_complete()
-    check_finite_adapter(os.path.join(folder.residual_adapter(), ADAPTER_FILE), f"the trained adapter of {output_dir}")
+    checks.check_finite_adapter(os.path.join(folder.residual_adapter(), ADAPTER_FILE),
+                                f"the trained adapter of {output_dir}")
     qcfg = config_of_run(meta, **overrides)
     directory = verified_source(meta, model, qcfg.resolved_cache_dir)
     model = prepare_model(directory, qcfg)

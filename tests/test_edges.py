@@ -737,7 +737,7 @@ def test_bare_packing_flag_means_true():
 def test_pre_training_checks_run_on_short_rows():
     """The packing and loss checks run before training without checkpointing: on whole long rows they would need
     memory for a full-length forward; they see at most CHECK_TOKENS of two rows."""
-    from qmilora.train import CHECK_TOKENS, check_rows
+    from qmilora.checks import CHECK_TOKENS, check_rows
 
     rows = [{"input_ids": list(range(5000)), "labels": list(range(5000)), "attention_mask": [1] * 5000}] * 3
     cut = check_rows(rows)

@@ -244,9 +244,9 @@ def test_rows_whose_prompt_passes_the_check_window(tiny_llm, tmp_path, cache, mo
     """The checks before and after training run on windows of the first rows; a prompt longer than the window must
     not make them see no supervised token (a loss over nothing is NaN: a healthy run was called diverged, and the
     chunked loss silently turned off)."""
-    import qmilora.train
+    import qmilora.checks
 
-    monkeypatch.setattr(qmilora.train, "CHECK_TOKENS", 16)  # the tiny model has 128 positions, the real window
+    monkeypatch.setattr(qmilora.checks, "CHECK_TOKENS", 16)  # the tiny model has 128 positions, the real window
     data = tmp_path / "long.jsonl"
     words = " ".join(["the"] * 40)
     data.write_text("".join(json.dumps({"instruction": words, "output": "yes it is"}) + "\n" for _ in range(4)))
