@@ -79,6 +79,9 @@ def check_file(cfg: DataConfig) -> None:
             raise QMiLoRAError(f"data file {source}: unsupported extension {ext or '(none)'}; use one of {', '.join(_BUILDERS)}")
         if os.path.getsize(source) == 0 or (ext in (".json", ".jsonl") and _blank(source)):
             raise QMiLoRAError(f"data file {source} is empty")
+        if cfg.data_split != "train":  # a file is one split: the flag would be ignored
+            raise QMiLoRAError(f"--data_split {cfg.data_split} picks a split of a datasets hub name; a data file is "
+                               "one split: drop --data_split, or pass the file that holds that split")
 
 
 def load_rows(cfg: DataConfig):

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from qmilora import QMiLoRAError
-from qmilora.data import IGNORE, DataConfig, build_dataset
+from qmilora.data import IGNORE, DataConfig, build_dataset, check_file
 
 from conftest import tiny_tokenizer
 
@@ -209,3 +209,10 @@ def test_json_and_csv_layouts(tmp_path):
     wide.write_text("instruction,output\na,b,c\n")
     with pytest.raises(QMiLoRAError, match="line 2: 3 cells where the header has 2"):
         build_dataset(DataConfig(data=str(wide)), TOK)
+
+
+def test_a_split_of_a_data_file_is_refused(tmp_path):
+    path = write(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}])
+    with pytest.raises(QMiLoRAError, match="--data_split test picks a split of a datasets hub name"):
+        check_file(DataConfig(data=path, data_split="test"))
+    check_file(DataConfig(data=path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -39,6 +40,8 @@ def evaluate(args: EvalArgs) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.adapter)
     # the run's saved tokenizer carries the chat template it trained with (a recorded template file may have moved)
     data_cfg = {**meta["data"], "data": args.data, "val_size": 0.0, "packing": False, "chat_template": "model"}
+    if os.path.exists(args.data):  # a file is one split; the run's --data_split named one of its hub dataset's
+        data_cfg["data_split"] = "train"
     try:
         rows, _, _ = build_dataset(DataConfig(**data_cfg), tokenizer)
     except QMiLoRAError as err:  # the data module's advice names qmilora-train's flag; eval truncates as the run did
