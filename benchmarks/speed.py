@@ -37,6 +37,7 @@ import os
 import random
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 
@@ -157,15 +158,9 @@ def write_data(path: str, directory: str, rows: int, seq: int) -> None:
             f.write(json.dumps({"text": " ".join(rng.choice(pool) for _ in range(n))}) + "\n")
 
 
-# qmilora-train's own main under a CUDA memory cap (GiB, $QMILORA_BENCH_GPU_CAP): a smaller card on a larger one
-CAPPED = ("import os, sys, torch; cap = float(os.environ['QMILORA_BENCH_GPU_CAP']) * 2**30\n"
-          "if torch.cuda.is_available():\n"
-          "    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0).total_memory))\n"
-          "from qmilora.cli.train import main; sys.exit(main(sys.argv[1:]))")
-
-
 def cap_memory() -> None:
-    """The QLoRA child under the same cap as the qmilora-train rows."""
+    """This process's CUDA memory capped at $QMILORA_BENCH_GPU_CAP GiB (a smaller card on a larger one): the
+    qmilora-train rows' child and the QLoRA child alike."""
     cap = os.environ.get("QMILORA_BENCH_GPU_CAP")
     if cap and torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
@@ -178,22 +173,17 @@ def measure(name: str, argv: list[str], out: str, cache: str, gpu_cap: float | N
     if gpu_cap:
         env["QMILORA_BENCH_GPU_CAP"] = str(gpu_cap)
     if name == "qlora":
-        import subprocess
-
         command = [sys.executable, os.path.abspath(__file__), "--child", "qlora", *argv, "--output_dir", out]
         proc = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         summary = json.loads(lines[-1][len("RESULT "):]) if lines and not proc.returncode else None
         shown = command
-    elif gpu_cap:
-        import subprocess
-
-        proc = subprocess.run([sys.executable, "-c", CAPPED, *argv, "--output_dir", out], env={**os.environ, **env},
-                              capture_output=True, text=True)
-        summary = None if proc.returncode else json.load(open(os.path.join(out, "qmilora.json")))["summary"]
-        shown = proc.args
     else:
-        proc = run_qmilora("train", [*argv, "--output_dir", out], env)
+        if gpu_cap:  # qmilora-train's own main, in a child that caps its memory first
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "train", *argv,
+                                   "--output_dir", out], env={**os.environ, **env}, capture_output=True, text=True)
+        else:
+            proc = run_qmilora("train", [*argv, "--output_dir", out], env)
         summary = None if proc.returncode else json.load(open(os.path.join(out, "qmilora.json")))["summary"]
         shown = proc.args
     row = {"row": name, "rc": proc.returncode, "command": " ".join(shown)}
@@ -406,5 +396,10 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:3] == ["--child", "qlora"]:
         qlora_child(sys.argv[3:])
+    elif sys.argv[1:3] == ["--child", "train"]:
+        from qmilora.cli.train import main as train_main
+
+        cap_memory()
+        sys.exit(train_main(sys.argv[3:]))
     else:
         main()

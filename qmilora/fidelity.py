@@ -19,8 +19,10 @@ IGNORE = -100
 
 def diverged(where: str = "") -> QMiLoRAError:
     """The refusal of a trained model whose outputs are NaN or infinite (its weights may still be finite)."""
-    return QMiLoRAError(f"the trained model gives non-finite outputs (NaN/Inf){where}: its training diverged; train "
-                        "again with a lower --learning_rate")
+    from .checks import DIVERGED
+
+    return QMiLoRAError(f"the trained model gives non-finite outputs (NaN/Inf){where}: its training diverged; in "
+                        f"qmilora-train, {DIVERGED}")
 
 
 def require_finite(model) -> None:

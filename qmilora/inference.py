@@ -45,14 +45,14 @@ def read_run(path: str) -> dict:
     return RunFolder(path).read_complete()
 
 
-def load(run_dir: str, merge_on_cpu: bool = True, cache_dir: str | None = None, model: str | None = None):
+def load(run_dir: str, merge_on_cpu: bool = True, cache_dir: str | None = None, source: str | None = None):
     """(model in eval mode, how it runs: a phrase for the log) for the run in `run_dir`, its prepared base from
-    `cache_dir` (default: the current default cache), the original checkpoint from `model` where it moved since
+    `cache_dir` (default: the current default cache), the original checkpoint from `source` where it moved since
     training; applies the CPU thread policy (`cpu.choose`) for the inference that follows. A model whose outputs
     are not finite (a diverged run) is refused."""
     from .fidelity import require_finite
 
-    model, how = _load(run_dir, merge_on_cpu, cache_dir, model)
+    model, how = _load(run_dir, merge_on_cpu, cache_dir, source)
     require_finite(model)
     return model, how
 

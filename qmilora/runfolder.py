@@ -307,7 +307,7 @@ class RunFolder:
         (each while it holds the bytes recorded), so no half-written run is left. Once training has begun the record
         stays, failed or not."""
         meta = self.meta() if self.fresh else None
-        if meta is None or meta.get("state") != "preparing" or self.checkpoints():
+        if meta is None or meta.get("state") != "preparing":  # (a new run's `begin` removed earlier checkpoints)
             return
         files.remove_recorded(self.path, {rel: rec for rel, rec in (meta.get("files") or {}).items()
                                           if _plain_relative(rel)})

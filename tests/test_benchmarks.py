@@ -117,7 +117,7 @@ def test_speed_runs(tmp_path):
     assert runs["default"]["loss"] == "chunked" and runs["chunked_loss=false"]["loss"] == "model"
     assert "--chunked_loss false" in runs["chunked_loss=false"]["command"]
     assert "--child qlora" in runs["qlora"]["command"]
-    assert "set_per_process_memory_fraction" in runs["default"]["command"] and result["settings"]["gpu_cap_gib"] == 23
+    assert "--child train" in runs["default"]["command"] and result["settings"]["gpu_cap_gib"] == 23
     assert runs["qlora"]["supervised_tokens"] == runs["default"]["supervised_tokens"] > 0  # the same batches
     assert runs["qlora"]["packing"] == runs["default"]["packing"] is not None
     assert result["rows"][2]["speed_vs_qlora"] == 1 and result["rows"][0]["speed_vs_default"] == 1
